@@ -1,0 +1,1081 @@
+"""Code shared by the notebooks of the Mask R-CNN on LabelMe tutorial series.
+
+It lives in a module rather than in the notebooks because DataLoader workers on Windows and macOS
+start with *spawn*: a worker re-imports every object it receives by module name, and it cannot find
+classes or functions that were defined in a notebook.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import os
+import platform
+import random
+import re
+import reprlib
+import shutil
+import tempfile
+import urllib.request
+import warnings
+import zipfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import ExifTags, Image, ImageDraw, ImageOps
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.ops import masks_to_boxes
+from torchvision.transforms.v2 import functional as TF
+
+# ---- LabelMe data layer ----
+#
+# LabelMe writes one JSON file per image. Its format changed over the years (3.0 had no
+# shape_type, 4.0 added group_id, 5.4 mask shapes, 6.2 oriented rectangles) and files get edited
+# by hand, so the loader validates every field it uses. Each problem becomes a LabelMeError (the
+# file cannot be used) or a LabelMeWarning (a shape or a detail was skipped, the rest of the file
+# is fine), always naming the file and, where one is at fault, the shape.
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+SUPPORTED_SHAPE_TYPES = ("polygon", "rectangle", "circle", "oriented_rectangle", "mask")
+# Shapes without an area: a Mask R-CNN instance needs pixels.
+AREALESS_SHAPE_TYPES = ("line", "linestrip", "point", "points")
+# EXIF orientations 5-8 rotate by 90 degrees, so the upright image has width and height swapped.
+_EXIF_ORIENTATIONS_SWAPPING_AXES = frozenset({5, 6, 7, 8})
+
+_short_repr = reprlib.Repr()
+_short_repr.maxstring = _short_repr.maxother = 40
+_short_repr.maxlist = _short_repr.maxdict = 4
+_brief = _short_repr.repr  # keeps a huge value (a whole base64 string) out of error messages
+
+
+class LabelMeError(ValueError):
+    """A LabelMe file (or folder) that cannot be used as it is.
+
+    The message names the JSON file and, where one shape is at fault, its index in "shapes"
+    ("shape 3"), and says what to fix. ``json_path`` and ``shape_index`` carry the same facts for
+    code that tabulates problems (the QA report); they are None for folder-level errors.
+    """
+
+    def __init__(self, message: str, *, json_path: Path | None = None, shape_index: int | None = None):
+        super().__init__(message)
+        self.json_path = json_path
+        self.shape_index = shape_index
+
+
+class LabelMeWarning(UserWarning):
+    """A recoverable problem: something was skipped or looks suspicious, the file still loads."""
+
+
+@dataclass(frozen=True, eq=False)
+class LabelMeShape:
+    """One drawable shape of a LabelMe file, validated and normalised.
+
+    ``eq=False`` because comparing numpy arrays field by field is ambiguous; shapes compare by
+    identity. ``points`` (and ``mask``) are made read-only so a sample shared by several datasets
+    cannot be changed behind their back.
+    """
+
+    index: int
+    kind: Literal["polygon", "rectangle", "circle", "mask"]
+    points: np.ndarray
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.points.setflags(write=False)
+        if self.mask is not None:
+            self.mask.setflags(write=False)
+
+
+@dataclass
+class LabelMeInstance:
+    """One object: all shapes sharing (label, group_id), or a single shape when group_id is None."""
+
+    label: str
+    group_id: int | None
+    shapes: list[LabelMeShape]
+
+
+@dataclass
+class LabelMeSample:
+    """Everything parsed from one LabelMe file; pixels are decoded only when asked for."""
+
+    json_path: Path
+    image_path: Path | None
+    image_bytes: bytes | None = field(repr=False)
+    width: int
+    height: int
+    instances: list[LabelMeInstance]
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def stem(self) -> str:
+        return self.json_path.stem
+
+    def load_image(self, max_side: int | None = None) -> Image.Image:
+        """Return the image as 8-bit RGB, upright (EXIF orientation applied).
+
+        With ``max_side`` the longest side is scaled down to at most ``max_side`` pixels. JPEGs are
+        then decoded at a reduced scale by libjpeg (``Image.draft``), which is several times faster
+        than decoding a phone photo at full size and shrinking it. Call ``rasterize`` with the size
+        of the returned image.
+        """
+        size = _fit_size(self.width, self.height, max_side)
+        source = self.image_path if self.image_path is not None else io.BytesIO(self.image_bytes)
+        try:
+            with Image.open(source) as image:
+                if size != (self.width, self.height) and image.format == "JPEG":
+                    swapped = _upright_size(image) != image.size
+                    image.draft("RGB", size[::-1] if swapped else size)
+                upright = ImageOps.exif_transpose(image)
+        except Exception as exc:  # Pillow reports damaged files with many exception types
+            raise LabelMeError(
+                f"{self.json_path}: cannot decode {_describe_image(self.image_path)}: {exc}. Check "
+                "that the image still exists and is intact.",
+                json_path=self.json_path,
+            ) from exc
+        rgb = _to_rgb(upright)
+        return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BILINEAR)
+
+    def rasterize(self, width: int | None = None, height: int | None = None) -> np.ndarray:
+        """Return one boolean mask per instance, shape (N, height, width).
+
+        Each mask is the union of the instance's shapes. Points are scaled by width / self.width
+        and height / self.height, so masks can be drawn at the size ``load_image(max_side)``
+        returned; the default is the full image size. Parts outside the image are clipped.
+        """
+        width = self.width if width is None else width
+        height = self.height if height is None else height
+        if width < 1 or height < 1:
+            raise ValueError(f"rasterize() needs a positive size, got {width}x{height}")
+        scale = (width / self.width, height / self.height)
+        masks = np.zeros((len(self.instances), height, width), dtype=bool)
+        for mask, instance in zip(masks, self.instances):
+            mask[:] = _rasterize_shapes(instance.shapes, width, height, scale)
+        return masks
+
+
+@dataclass
+class LabelMeReport:
+    """Every problem of a folder, collected in one pass (see ``report_labelme_folder``)."""
+
+    samples: list[LabelMeSample]
+    errors: list[LabelMeError]
+    warnings: list[str]
+
+
+class _FileContext:
+    """The file being parsed: prefixes messages with its location and collects its warnings."""
+
+    def __init__(self, json_path: Path):
+        self.json_path = json_path
+        self.warnings: list[str] = []
+
+    def _message(self, problem: str, shape_index: int | None) -> str:
+        where = str(self.json_path) if shape_index is None else f"{self.json_path}, shape {shape_index}"
+        return f"{where}: {problem}"
+
+    def error(self, problem: str, shape_index: int | None = None) -> LabelMeError:
+        return LabelMeError(
+            self._message(problem, shape_index), json_path=self.json_path, shape_index=shape_index
+        )
+
+    def warn(self, problem: str, shape_index: int | None = None) -> None:
+        message = self._message(problem, shape_index)
+        self.warnings.append(message)
+        warnings.warn(LabelMeWarning(message), stacklevel=3)
+
+
+def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
+    """Parse one LabelMe JSON file of any LabelMe version (3.x to 7.x).
+
+    The image is opened only to read its size and EXIF orientation; pixels are decoded later by
+    ``LabelMeSample.load_image``. Raises LabelMeError for anything that makes the file unusable;
+    unusable single shapes are skipped with a LabelMeWarning, keeping the rest of the image.
+    """
+    context = _FileContext(Path(json_path).absolute())
+    data = _read_json_object(context)
+    image_path, image_bytes = _locate_image(context, data)
+    width, height = _read_upright_size(context, image_path, image_bytes)
+    _check_recorded_size(context, data, width, height)
+
+    if "shapes" not in data:
+        raise context.error('has no "shapes" list; is it a LabelMe file?')
+    raw_shapes = data["shapes"]
+    if not isinstance(raw_shapes, list):
+        raise context.error(f'"shapes" must be a list, got {_brief(raw_shapes)}')
+
+    instances: list[LabelMeInstance] = []
+    groups: dict[tuple[str, int], LabelMeInstance] = {}
+    for index, raw_shape in enumerate(raw_shapes):
+        parsed = _parse_shape(context, index, raw_shape)
+        if parsed is None:
+            continue
+        label, group_id, shape = parsed
+        _warn_if_outside(context, shape, label, width, height)
+        if group_id is None:
+            instances.append(LabelMeInstance(label, None, [shape]))
+        elif (label, group_id) in groups:
+            groups[label, group_id].shapes.append(shape)
+        else:
+            groups[label, group_id] = LabelMeInstance(label, group_id, [shape])
+            instances.append(groups[label, group_id])
+
+    return LabelMeSample(
+        json_path=context.json_path,
+        image_path=image_path,
+        image_bytes=image_bytes,
+        width=width,
+        height=height,
+        instances=instances,
+        warnings=context.warnings,
+    )
+
+
+def load_labelme_folder(
+    folder: str | os.PathLike[str], *, on_error: Literal["raise", "skip"] = "raise"
+) -> list[LabelMeSample]:
+    """Load every ``*.json`` of ``folder`` (sorted, not recursive).
+
+    All files are read before anything is raised, so one run shows every broken file:
+    ``on_error="raise"`` raises a single LabelMeError listing them all; ``on_error="skip"`` warns
+    once per broken file and returns the good ones.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    samples, errors, n_files = _load_folder(Path(folder))
+    if errors and on_error == "raise":
+        listing = "\n".join(f"  - {error}" for error in errors)
+        raise LabelMeError(
+            f"{len(errors)} of {n_files} LabelMe files in {folder} could not be loaded. Fix them "
+            f"(or pass on_error='skip' to leave them out):\n{listing}"
+        )
+    for error in errors:
+        warnings.warn(LabelMeWarning(f"{error} (file skipped)"), stacklevel=2)
+    return samples
+
+
+def report_labelme_folder(folder: str | os.PathLike[str]) -> LabelMeReport:
+    """Collect every error and warning of ``folder`` in one pass, for a QA table.
+
+    Never raises for bad files (only when the folder is missing or holds no JSON). Warnings are
+    returned rather than emitted, so a report over a large folder does not also print hundreds of
+    warning lines.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LabelMeWarning)
+        samples, errors, _ = _load_folder(Path(folder))
+    return LabelMeReport(samples, errors, [message for sample in samples for message in sample.warnings])
+
+
+def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError], int]:
+    if not folder.is_dir():
+        raise LabelMeError(f"LabelMe folder {folder} does not exist or is not a folder; check the path.")
+    json_paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
+    if not json_paths:
+        raise LabelMeError(
+            f"no .json files in {folder}: LabelMe saves one JSON file beside each image; point to "
+            "the folder that holds them."
+        )
+    samples: list[LabelMeSample] = []
+    errors: list[LabelMeError] = []
+    for json_path in json_paths:
+        try:
+            samples.append(load_labelme_file(json_path))
+        except LabelMeError as error:
+            errors.append(error)
+    return samples, errors, len(json_paths)
+
+
+# -- reading one file ------------------------------------------------------------------------
+
+
+def _read_json_object(context: _FileContext) -> dict[str, Any]:
+    try:
+        raw = context.json_path.read_bytes()
+    except OSError as exc:
+        raise context.error(f"cannot be read: {exc}") from exc
+    try:
+        text = raw.decode("utf-8-sig")  # -sig: editors on Windows may add a byte-order mark
+    except UnicodeDecodeError:
+        try:
+            text = raw.decode("gbk")
+        except UnicodeDecodeError as exc:
+            raise context.error("is neither UTF-8 nor GBK text; re-save it as UTF-8.") from exc
+        context.warn(
+            "is not UTF-8 and was read as GBK (very old LabelMe files are); check that its labels "
+            "read correctly, then re-save it as UTF-8."
+        )
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise context.error(
+            f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); was it cut "
+            "short or edited by hand? Re-save it from LabelMe."
+        ) from exc
+    if not isinstance(data, dict):
+        raise context.error(
+            f"is not a LabelMe file: its top level is {_json_type(data)}, expected an object with "
+            '"shapes" and "imagePath".'
+        )
+    return data
+
+
+def _locate_image(context: _FileContext, data: dict[str, Any]) -> tuple[Path | None, bytes | None]:
+    """Return (image file, None) or (None, embedded image bytes); embedded data wins, as in LabelMe."""
+    image_data = data.get("imageData")
+    if isinstance(image_data, str) and image_data.strip():
+        try:
+            return None, _b64decode(image_data)
+        except ValueError as exc:
+            raise context.error(
+                f'"imageData" is not valid base64 ({exc}); delete the field (set it to null) to use '
+                '"imagePath" instead.'
+            ) from exc
+    if image_data is not None and not isinstance(image_data, str):
+        raise context.error(f'"imageData" must be a base64 string or null, got {_brief(image_data)}')
+    return _find_image_file(context, data.get("imagePath")), None
+
+
+def _find_image_file(context: _FileContext, image_path: Any) -> Path:
+    """Resolve "imagePath" as LabelMe meant it, tolerating files moved between machines.
+
+    LabelMe stores the path as the annotating machine spelt it: relative to the JSON, with
+    backslashes on Windows, and sometimes absolute ("C:\\Users\\..."). When that path does not
+    exist here, the file name it ends with, then an image with the JSON's stem, is looked for
+    beside the JSON.
+    """
+    folder = context.json_path.parent
+    same_stem = f"{context.json_path.with_suffix('')}.{{{','.join(s[1:] for s in IMAGE_SUFFIXES)}}}"
+    if image_path in (None, ""):
+        found = _image_beside(context.json_path)
+        if found is None:
+            raise context.error(
+                f'has no "imageData" and no "imagePath", and there is no image {same_stem}; put '
+                "the image next to the JSON file."
+            )
+        return found
+    if not isinstance(image_path, str):
+        raise context.error(f'"imagePath" must be a string, got {_brief(image_path)}')
+    written = Path(image_path.replace("\\", "/"))
+    # A drive letter or network share written on Windows names nothing on Linux or macOS (there,
+    # "C:/x.jpg" would even be taken as relative); only its file name can still help.
+    foreign = os.name != "nt" and bool(PureWindowsPath(image_path).drive)
+    candidates = [folder / written.name] if foreign else [folder / written, folder / written.name]
+    for candidate in candidates:  # an absolute `written` replaces `folder`
+        if candidate.is_file():
+            return candidate
+    found = _image_beside(context.json_path)
+    if found is None:
+        looked_at = ", ".join(str(c) for c in dict.fromkeys(candidates))
+        raise context.error(
+            f'image not found: "imagePath" is "{image_path}", but there is no image at {looked_at} '
+            f'nor at {same_stem}. Put the image next to the JSON file or correct "imagePath".'
+        )
+    return found
+
+
+def _image_beside(json_path: Path) -> Path | None:
+    """The image with the JSON's stem in the same folder; suffixes match in any case (.JPG)."""
+    matches = [
+        p
+        for p in json_path.parent.iterdir()
+        if p.stem == json_path.stem and p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    ]
+    return min(matches, key=lambda p: (IMAGE_SUFFIXES.index(p.suffix.lower()), p.name), default=None)
+
+
+def _read_upright_size(
+    context: _FileContext, image_path: Path | None, image_bytes: bytes | None
+) -> tuple[int, int]:
+    try:
+        with Image.open(image_path if image_path is not None else io.BytesIO(image_bytes)) as image:
+            return _upright_size(image)
+    except Exception as exc:  # Pillow reports damaged files with many exception types
+        raise context.error(
+            f"cannot read {_describe_image(image_path)}: {exc}. Replace it with an intact copy."
+        ) from exc
+
+
+def _describe_image(image_path: Path | None) -> str:
+    return str(image_path) if image_path is not None else 'the image embedded in "imageData"'
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    """Size after EXIF orientation, read from the header without decoding the pixels.
+
+    (Only PNGs without an EXIF chunk before their pixel data get decoded: Pillow then has to look
+    for one after it.)
+    """
+    width, height = image.size
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return (height, width) if orientation in _EXIF_ORIENTATIONS_SWAPPING_AXES else (width, height)
+
+
+def _check_recorded_size(context: _FileContext, data: dict[str, Any], width: int, height: int) -> None:
+    """Warn when imageWidth/imageHeight disagree with the image: the points may not fit it."""
+    recorded = (data.get("imageWidth"), data.get("imageHeight"))
+    if None in recorded or recorded == (width, height):
+        return  # LabelMe < 3.6 does not record the size
+    cause = (
+        " The sizes are swapped: the image most likely has an EXIF orientation that the "
+        "annotation tool did not apply (or the image was rotated after annotating)."
+        if recorded == (height, width)
+        else ""
+    )
+    context.warn(
+        f"imageWidth x imageHeight in the JSON is {recorded[0]}x{recorded[1]}, but the image is "
+        f"{width}x{height} (after EXIF orientation).{cause} Check that the masks sit on their "
+        "objects; if not, re-annotate this image."
+    )
+
+
+def _parse_shape(
+    context: _FileContext, index: int, raw: Any
+) -> tuple[str, int | None, LabelMeShape] | None:
+    """Validate one entry of "shapes"; return (label, group_id, shape), or None when skipped."""
+    if not isinstance(raw, dict):
+        raise context.error(f"must be a JSON object, got {_json_type(raw)}", index)
+    if "label" not in raw:
+        raise context.error('has no "label"', index)
+    label = raw["label"]
+    if not isinstance(label, str):
+        raise context.error(f'"label" must be a string, got {_brief(label)}', index)
+    group_id = raw.get("group_id")
+    if group_id is not None and (isinstance(group_id, bool) or not isinstance(group_id, int)):
+        raise context.error(f'"group_id" must be a whole number or null, got {_brief(group_id)}', index)
+    if "points" not in raw:
+        raise context.error(f'has no "points" (label {label!r})', index)
+    points = _parse_points(context, index, raw["points"])
+    shape_type = raw.get("shape_type")
+    kind = "polygon" if shape_type is None else shape_type  # LabelMe < 3.6 had only polygons
+    what = f"{kind} {label!r}"
+    n_points = len(points)
+
+    if kind in AREALESS_SHAPE_TYPES:
+        context.warn(
+            f"{what} has no area, so it cannot be a Mask R-CNN instance; skipped. Redraw it as a "
+            "polygon if the object should be learnt.",
+            index,
+        )
+        return None
+    if kind == "polygon":
+        if n_points < 3:
+            context.warn(f"{what} has {n_points} point(s); a polygon needs at least 3. Skipped.", index)
+            return None
+        return label, group_id, LabelMeShape(index, "polygon", points)
+    if kind == "oriented_rectangle":
+        _require_points(context, index, what, n_points, 4, "its 4 corners")
+        return label, group_id, LabelMeShape(index, "polygon", points)
+    if kind == "rectangle":
+        _require_points(context, index, what, n_points, 2, "two opposite corners")
+        corners = np.stack([points.min(axis=0), points.max(axis=0)])  # drawn in any direction
+        if (corners[1] == corners[0]).any():
+            context.warn(f"{what} has zero width or height; skipped.", index)
+            return None
+        return label, group_id, LabelMeShape(index, "rectangle", corners)
+    if kind == "circle":
+        _require_points(context, index, what, n_points, 2, "the centre and a point on the rim")
+        if np.array_equal(points[0], points[1]):
+            context.warn(f"{what} has radius 0; skipped.", index)
+            return None
+        return label, group_id, LabelMeShape(index, "circle", points)
+    if kind == "mask":
+        _require_points(context, index, what, n_points, 2, "the top-left and bottom-right of the patch")
+        return (
+            label,
+            group_id,
+            LabelMeShape(index, "mask", points, _decode_mask_patch(context, index, raw.get("mask"))),
+        )
+    raise context.error(
+        f"has unknown shape_type {_brief(shape_type)} (label {label!r}). Supported: "
+        f"{', '.join(SUPPORTED_SHAPE_TYPES)}; {', '.join(AREALESS_SHAPE_TYPES)} are skipped. "
+        "Redraw it with one of these in LabelMe.",
+        index,
+    )
+
+
+def _parse_points(context: _FileContext, index: int, value: Any) -> np.ndarray:
+    if not isinstance(value, list):
+        raise context.error(f'"points" must be a list of [x, y] pairs, got {_brief(value)}', index)
+    for point_index, point in enumerate(value):
+        if not (
+            isinstance(point, (list, tuple)) and len(point) == 2 and all(map(_is_coordinate, point))
+        ):
+            raise context.error(
+                f"point {point_index} is {_brief(point)}; every point must be [x, y] with two "
+                "finite numbers (not strings, NaN or a third value).",
+                index,
+            )
+    return np.array(value, dtype=np.float64).reshape(-1, 2)
+
+
+def _is_coordinate(value: Any) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _require_points(
+    context: _FileContext, index: int, what: str, n_points: int, expected: int, meaning: str
+) -> None:
+    if n_points != expected:
+        raise context.error(
+            f"{what} has {n_points} points; it needs exactly {expected} ({meaning}). Redraw it in "
+            'LabelMe, or set shape_type to "polygon" if the points trace its outline.',
+            index,
+        )
+
+
+def _decode_mask_patch(context: _FileContext, index: int, value: Any) -> np.ndarray:
+    if not isinstance(value, str) or not value.strip():
+        raise context.error('is a mask shape without "mask" data (a base64-encoded PNG)', index)
+    try:
+        with Image.open(io.BytesIO(_b64decode(value))) as patch:
+            return np.asarray(patch.convert("L")) > 0
+    except Exception as exc:  # binascii.Error or any of Pillow's exception types
+        raise context.error(
+            f'"mask" is not a base64-encoded PNG ({exc}); redraw the mask in LabelMe.', index
+        ) from exc
+
+
+def _warn_if_outside(
+    context: _FileContext, shape: LabelMeShape, label: str, width: int, height: int
+) -> None:
+    """Record shapes reaching outside the image: harmless when slight, a wrong image size when large."""
+    if shape.kind == "mask":
+        origin = np.floor(shape.points[0])
+        extent = np.stack([origin, origin + shape.mask.shape[::-1]])
+    else:
+        extent = shape.points
+    if (extent.min(axis=0) >= 0).all() and (extent.max(axis=0) <= (width, height)).all():
+        return
+    context.warn(
+        f"{shape.kind} {label!r} reaches outside the {width}x{height} image (x {extent[:, 0].min():g} "
+        f"to {extent[:, 0].max():g}, y {extent[:, 1].min():g} to {extent[:, 1].max():g}); the outside "
+        "part is clipped.",
+        shape.index,
+    )
+
+
+def _b64decode(text: str) -> bytes:
+    """Decode base64 that may be wrapped over several lines, rejecting any other stray character."""
+    return base64.b64decode("".join(text.split()), validate=True)
+
+
+def _json_type(value: Any) -> str:
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }.get(type(value), "a number")
+
+
+# -- pixels ----------------------------------------------------------------------------------
+
+
+def _fit_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so the longest side is at most max_side; never scaled up."""
+    _check_max_side(max_side)
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _check_max_side(max_side: int | None) -> None:
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be a positive number of pixels or None, got {max_side}")
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any mode found in LabelMe datasets (L, P, 1, LA, RGBA, CMYK, 16-bit) to 8-bit RGB."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        # 16-bit scans: keep the high byte. Pillow's own conversion clips at 255, which turns
+        # almost every pixel white.
+        high_byte = np.clip(np.asarray(image), 0, 65535).astype(np.uint16) >> 8
+        image = Image.fromarray(high_byte.astype(np.uint8))
+    elif image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # the route Pillow asks for palette transparency
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _rasterize_shapes(
+    shapes: Sequence[LabelMeShape], width: int, height: int, scale: tuple[float, float]
+) -> np.ndarray:
+    """Union of the shapes as a (height, width) bool mask, drawn as LabelMe draws them.
+
+    LabelMe fills the outline too (``outline=1``), so thin or collinear polygons still cover pixels.
+    """
+    canvas = Image.new("1", (width, height), 0)
+    draw = ImageDraw.Draw(canvas)
+    for shape in shapes:
+        points = shape.points * scale
+        if shape.kind == "polygon":
+            draw.polygon([tuple(p) for p in points], fill=1, outline=1)
+        elif shape.kind == "rectangle":
+            draw.rectangle(points.ravel().tolist(), fill=1, outline=1)
+        elif shape.kind == "circle":
+            radius = math.dist(shape.points[0], shape.points[1]) * np.asarray(scale)
+            draw.ellipse(
+                np.concatenate([points[0] - radius, points[0] + radius]).tolist(), fill=1, outline=1
+            )
+    mask = np.array(canvas)
+    for shape in shapes:
+        if shape.kind == "mask":
+            _paste_patch(mask, shape, scale)
+    return mask
+
+
+def _paste_patch(mask: np.ndarray, shape: LabelMeShape, scale: tuple[float, float]) -> None:
+    """OR a mask shape's patch into ``mask`` at its top-left point, clipping what falls outside.
+
+    The patch's own size is used, not the second point: LabelMe crops the patch at the image
+    border, so near the border it is smaller than the box the two points describe.
+    """
+    patch = shape.mask
+    x0, y0 = (math.floor(value) for value in shape.points[0])
+    patch_height, patch_width = patch.shape
+    left, top = round(x0 * scale[0]), round(y0 * scale[1])
+    right = max(left + 1, round((x0 + patch_width) * scale[0]))
+    bottom = max(top + 1, round((y0 + patch_height) * scale[1]))
+    if (right - left, bottom - top) != (patch_width, patch_height):
+        patch = np.array(
+            Image.fromarray(patch).resize((right - left, bottom - top), Image.Resampling.NEAREST)
+        )
+    height, width = mask.shape
+    clip_left, clip_top = max(left, 0), max(top, 0)
+    clip_right, clip_bottom = min(right, width), min(bottom, height)
+    if clip_left < clip_right and clip_top < clip_bottom:
+        mask[clip_top:clip_bottom, clip_left:clip_right] |= patch[
+            clip_top - top : clip_bottom - top, clip_left - left : clip_right - left
+        ]
+
+
+# -- PyTorch dataset -------------------------------------------------------------------------
+
+
+def boxes_from_masks(masks: torch.Tensor) -> torch.Tensor:
+    """XYXY float boxes that cover every pixel of each (non-empty) mask.
+
+    masks_to_boxes returns the index of the last pixel, so a one-pixel-wide mask would get a
+    zero-width box, which torchvision rejects; adding 1 makes the box cover whole pixels.
+    """
+    boxes = masks_to_boxes(masks).to(torch.float32)
+    boxes[:, 2:] += 1
+    return boxes
+
+
+class LabelMeDataset(Dataset):
+    """Mask R-CNN training samples from parsed LabelMe files.
+
+    All JSON parsing and label checking happens before training (in ``load_labelme_*`` and here
+    in ``__init__``); ``__getitem__`` only decodes the image and draws the masks, so a label typo
+    fails at once instead of in a DataLoader worker an hour into training.
+    """
+
+    def __init__(
+        self,
+        samples: Sequence[LabelMeSample],
+        class_names: Sequence[str],
+        transforms: Callable[[Any, dict[str, Any]], tuple[Any, dict[str, Any]]] | None = None,
+        max_side: int | None = None,
+    ):
+        """``class_names[0]`` is the background; instance labels must be one of the others.
+
+        ``max_side`` caps the longest image side (see ``LabelMeSample.load_image``) so a
+        pipeline that trains at a lower resolution does not decode full-size photos.
+        """
+        if len(class_names) < 2 or len(set(class_names)) != len(class_names):
+            raise ValueError(
+                "class_names must be unique and start with the background, e.g. "
+                f"['background', 'cat'], got {list(class_names)}"
+            )
+        _check_max_side(max_side)  # now, rather than later in a DataLoader worker
+        self.samples = list(samples)
+        self.class_names = list(class_names)
+        self.transforms = transforms
+        self.max_side = max_side
+        # The background (index 0) is left out: an instance labelled with it is an error.
+        class_index = {name: i for i, name in enumerate(self.class_names) if i > 0}
+        self._labels = [
+            [class_index.get(inst.label, -1) for inst in sample.instances] for sample in self.samples
+        ]
+        self._raise_for_unknown_labels()
+
+    def _raise_for_unknown_labels(self) -> None:
+        """One error listing every unknown label with a few places it occurs."""
+        places: dict[str, list[str]] = {}
+        for sample, labels in zip(self.samples, self._labels):
+            for instance, label_index in zip(sample.instances, labels):
+                if label_index < 0:
+                    shapes = ", ".join(f"shape {shape.index}" for shape in instance.shapes)
+                    places.setdefault(instance.label, []).append(f"{sample.json_path} ({shapes})")
+        if not places:
+            return
+        lines = []
+        for label, where in places.items():
+            more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+            lines.append(f"  - {label!r} in {'; '.join(where[:3])}{more}")
+        known = ", ".join(repr(name) for name in self.class_names[1:])
+        background = (
+            f" ({self.class_names[0]!r} is the background and cannot label an instance)"
+            if self.class_names[0] in places
+            else ""
+        )
+        raise LabelMeError(
+            f"{len(places)} label(s) in the samples are not in class_names; known classes: {known}"
+            f"{background}. Fix the labels in LabelMe or add them to class_names:\n" + "\n".join(lines)
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        sample = self.samples[i]
+        pil_image = sample.load_image(self.max_side)
+        width, height = pil_image.size
+        masks = torch.from_numpy(sample.rasterize(width, height))
+        labels = torch.tensor(self._labels[i], dtype=torch.int64)
+        # A shape entirely outside the image (or clipped away by scaling) leaves an empty mask,
+        # and an empty mask has no valid box: torchvision rejects x2 <= x1.
+        keep = masks.flatten(1).any(dim=1)
+        masks, labels = masks[keep], labels[keep]
+        boxes = boxes_from_masks(masks)
+        image = tv_tensors.Image(TF.pil_to_tensor(pil_image))
+        target: dict[str, torch.Tensor] = {
+            "masks": tv_tensors.Mask(masks),
+            "boxes": tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(height, width)),
+            "labels": labels,
+        }
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        if image.dtype == torch.uint8:
+            image = TF.to_dtype(image, torch.float32, scale=True)
+        return image, target
+
+
+def collate_detection(batch: Sequence[tuple[Any, ...]]) -> tuple[tuple[Any, ...], ...]:
+    """Keep images and targets as tuples: detection images differ in size and cannot be stacked.
+
+    A module-level function (not a lambda) so spawn-started DataLoader workers can pickle it.
+    """
+    return tuple(zip(*batch))
+
+
+# ---- Project layout, settings and getting the data ----
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+SAMPLE_DIR = PROJECT_ROOT / "data" / "student-id-sample"
+DATA_CACHE = PROJECT_ROOT / "data" / "cache"
+RUNS_DIR = PROJECT_ROOT / "runs"
+
+SMOKE_ENV = "TUTORIAL_SMOKE"
+DATA_DIR_ENV = "TUTORIAL_DATA_DIR"
+
+# The dataset is fetched from a pinned commit, so every learner trains on the same files.
+DATASET_COMMIT = "b0d37cce5f7316a2552555b00c04d62ae17d3328"
+DATASET_URL = (
+    "https://github.com/cj-mills/pytorch-for-information-extraction/archive/"
+    f"{DATASET_COMMIT}.zip"
+)
+DATASET_SUBDIR = "code/datasets/detection/student-id"
+_DATASET_SUFFIXES = {".json", ".jpg", ".jpeg", ".png"}
+
+MIN_TORCHVISION = (0, 16)  # tv_tensors and transforms.v2 with masks and boxes arrived in 0.16
+
+
+def smoke_profile() -> bool:
+    """True when the environment asks for the tiny test profile (TUTORIAL_SMOKE=1).
+
+    Every notebook reads this once in its settings cell; the test suite sets it.
+    """
+    return os.environ.get(SMOKE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def default_run_dir(smoke: bool) -> Path:
+    """Folder holding one run's artifacts; the smoke profile never touches a real run."""
+    return RUNS_DIR / ("smoke" if smoke else "student-id")
+
+
+def show_path(path: os.PathLike | str) -> str:
+    """A path as a learner should read it: relative to the project when inside it."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version.split("+")[0])[:2])
+
+
+def pick_device() -> torch.device:
+    """CUDA if present, then Apple's MPS, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def check_environment() -> dict[str, str]:
+    """Print the versions in use and stop with a plain fix when they are too old."""
+    import torchvision
+
+    info = {
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "device": str(pick_device()),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    width = max(map(len, info))
+    for key, value in info.items():
+        print(f"{key:<{width}}  {value}")
+    if _version_tuple(torchvision.__version__) < MIN_TORCHVISION:
+        raise RuntimeError(
+            f"torchvision {torchvision.__version__} is too old: this series uses the "
+            "transforms.v2 API with tv_tensors (torchvision >= 0.16). Fix: "
+            "pip install torch==2.14.1 torchvision==0.29.1 (or, on Colab, restart the runtime "
+            "after upgrading)."
+        )
+    return info
+
+
+def _dataset_is_complete(folder: Path) -> bool:
+    return (folder / ".complete").is_file() and any(folder.glob("*.json"))
+
+
+def _safe_member_target(member: zipfile.ZipInfo, root: Path) -> Path | None:
+    """Where an archive member may be written, or None to skip it.
+
+    Only regular files inside the dataset folder with an expected suffix are kept; absolute
+    names, '..' parts and links are refused so a hostile archive cannot write elsewhere.
+    """
+    name = member.filename.replace("\\", "/")
+    parts = PurePosixPath(name).parts
+    if name.startswith("/") or ".." in parts or member.is_dir():
+        return None
+    is_link = (member.external_attr >> 16) & 0o170000 == 0o120000
+    if is_link:
+        return None
+    marker = DATASET_SUBDIR.split("/")
+    # the archive's top folder is "<repo>-<commit>/"; the dataset sits below it
+    for start in range(len(parts) - len(marker)):
+        if list(parts[start : start + len(marker)]) == marker:
+            relative = parts[start + len(marker) :]
+            break
+    else:
+        return None
+    if len(relative) != 1 or PurePosixPath(relative[0]).suffix.lower() not in _DATASET_SUFFIXES:
+        return None
+    target = (root / relative[0]).resolve()
+    if target.parent != root.resolve():
+        return None
+    return target
+
+
+def download_student_id(dest: Path, url: str = DATASET_URL, timeout: float = 30) -> Path:
+    """Download the student-ID dataset archive and extract only its images and JSON into dest.
+
+    The archive is streamed to a temporary file with a progress bar, extracted into a temporary
+    folder and renamed into place at the end, so an interrupted download never leaves a
+    half-filled dataset behind.
+    """
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
+        archive = Path(tmp) / "dataset.zip"
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc="student-id dataset") as bar:
+                while chunk := response.read(1 << 16):
+                    out.write(chunk)
+                    bar.update(len(chunk))
+        staging = Path(tmp) / "student-id"
+        staging.mkdir()
+        with zipfile.ZipFile(archive) as zf:
+            for member in zf.infolist():
+                target = _safe_member_target(member, staging)
+                if target is not None:
+                    with zf.open(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+        count = len(list(staging.glob("*.json")))
+        if count == 0:
+            raise OSError(f"the archive from {url} holds no LabelMe files under {DATASET_SUBDIR}")
+        (staging / "SOURCE.md").write_text(
+            f"Downloaded from {url}\nMIT licence, copyright (c) 2020 MbassiJaphet.\n", "utf-8"
+        )
+        (staging / ".complete").write_text(f"{count} annotation files\n", "utf-8")
+        if dest.exists():
+            shutil.rmtree(dest)
+        staging.rename(dest)
+    return dest
+
+
+def get_dataset_dir(data_dir: os.PathLike | str | None = None, *, smoke: bool = False) -> Path:
+    """Decide which LabelMe folder the series uses, and say so.
+
+    1. `data_dir` (your own folder, or a local copy of the student-ID dataset) when given;
+    2. in the smoke profile, the embedded 12-image sample (never the network);
+    3. the full dataset downloaded earlier into data/cache/;
+    4. a fresh download;
+    5. offline: the embedded sample, with a message on how to use the full dataset.
+    """
+    if data_dir:
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"DATA_DIR points to {folder}, which is not a folder. Set it to the folder that "
+                "holds your LabelMe .json files (and their images), or to None for the "
+                "student-ID dataset."
+            )
+        print(f"Using your LabelMe folder: {show_path(folder)}")
+        return folder
+    if smoke:
+        print(f"Smoke profile: using the embedded sample in {show_path(SAMPLE_DIR)}")
+        return SAMPLE_DIR
+    cached = DATA_CACHE / "student-id"
+    if _dataset_is_complete(cached):
+        print(f"Using the student-ID dataset downloaded earlier: {show_path(cached)}")
+        return cached
+    try:
+        download_student_id(cached, DATASET_URL)
+    except (OSError, zipfile.BadZipFile) as error:  # URLError and timeouts are OSErrors
+        print(
+            f"Could not download the student-ID dataset ({error}).\n"
+            f"Falling back to the embedded 12-image sample in {show_path(SAMPLE_DIR)}: every "
+            "notebook runs, but the model will not learn much from so few images.\n"
+            "To train on the full dataset without internet, copy its folder to this machine "
+            f"and set DATA_DIR in the settings cell (or the {DATA_DIR_ENV} environment variable)."
+        )
+        return SAMPLE_DIR
+    print(f"Downloaded the student-ID dataset to {show_path(cached)}")
+    return cached
+
+
+# ---- Splits, manifests and run folders ----
+
+MANIFEST_NAME = "dataset_manifest.json"
+
+
+def write_json_atomic(path: os.PathLike | str, data: Any) -> Path:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def split_stems(
+    stems: Sequence[str], fractions: Mapping[str, float], seed: int
+) -> dict[str, list[str]]:
+    """Shuffle the file stems with a fixed seed and cut them into named splits.
+
+    Sizes are rounded from the fractions and the first split takes the remainder, so no file is
+    lost; every split gets at least one file, or a ValueError says there are too few.
+    """
+    if not fractions or any(f <= 0 for f in fractions.values()):
+        raise ValueError(f"split fractions must be positive, got {dict(fractions)}")
+    names = list(fractions)
+    order = sorted(stems)
+    random.Random(seed).shuffle(order)
+    total = sum(fractions.values())
+    sizes = {name: round(len(order) * fractions[name] / total) for name in names[1:]}
+    if len(order) >= len(names):
+        sizes = {name: max(1, size) for name, size in sizes.items()}
+    sizes[names[0]] = len(order) - sum(sizes.values())
+    if min(sizes.values()) < 1:
+        raise ValueError(
+            f"{len(order)} files are too few for the splits {names}: each needs at least one"
+        )
+    splits, start = {}, 0
+    for name in names:
+        splits[name] = sorted(order[start : start + sizes[name]])
+        start += sizes[name]
+    return splits
+
+
+def load_manifest(run_dir: os.PathLike | str) -> dict[str, Any]:
+    """Read the dataset manifest that notebook 01 wrote, with a clear error when it is missing."""
+    path = Path(run_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{show_path(path)} does not exist. Run notebooks/01_data_exploration.ipynb first "
+            "(with the same TUTORIAL_SMOKE setting): it writes the class list and the split."
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if not Path(manifest["data_dir"]).is_dir():
+        raise FileNotFoundError(
+            f"{show_path(path)} names the data folder {manifest['data_dir']}, which is gone. "
+            "Run notebook 01 again."
+        )
+    return manifest
+
+
+def manifest_samples(manifest: Mapping[str, Any], split: str) -> list["LabelMeSample"]:
+    """The samples of one split, loaded from the folder the manifest names."""
+    folder = Path(manifest["data_dir"])
+    return [load_labelme_file(folder / f"{stem}.json") for stem in manifest["splits"][split]]
+
+
+# ---- Drawing ----
+
+
+def _label_font() -> str | None:
+    """A TrueType font that ships with matplotlib, so labels are readable without a download."""
+    try:
+        from matplotlib import font_manager
+
+        return font_manager.findfont("DejaVu Sans", fallback_to_default=True)
+    except Exception:  # drawing still works with PIL's small built-in font
+        return None
+
+
+def draw_instances(
+    image: torch.Tensor,
+    masks: torch.Tensor,
+    boxes: torch.Tensor,
+    labels: Sequence[str],
+    colors: Sequence[Sequence[int]],
+    alpha: float = 0.4,
+) -> torch.Tensor:
+    """Overlay masks, boxes and label texts on an image; returns a uint8 (3, H, W) tensor.
+
+    `image` may be uint8 or float in [0, 1]; `colors` has one RGB tuple per instance.
+    """
+    from torchvision.transforms.v2 import functional as F
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    image = F.to_dtype(torch.as_tensor(image), torch.uint8, scale=True)
+    colors = [tuple(int(c) for c in color) for color in colors]
+    if len(labels):
+        image = draw_segmentation_masks(image, masks.bool(), alpha=alpha, colors=colors)
+        font_size = max(12, round(min(image.shape[-2:]) / 24))
+        # label text on a filled tag in the box colour, black or white, whichever reads better
+        text_colors = [(0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+                       for r, g, b in colors]
+        image = draw_bounding_boxes(
+            image, boxes, labels=list(labels), colors=colors, width=2, font=_label_font(),
+            font_size=font_size, fill_labels=True, label_colors=text_colors,
+        )
+    return image
