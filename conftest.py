@@ -4,14 +4,21 @@ Every notebook runs in the smoke profile (tiny numbers, embedded sample, no netw
 variable is set here because the notebook kernels inherit pytest's environment.
 """
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+
+SMOKE_RUN = Path(__file__).resolve().parent / "runs" / "smoke"
 
 
 def pytest_configure(config: pytest.Config) -> None:
     os.environ["TUTORIAL_SMOKE"] = "1"
     # A learner's own data folder must not leak into the stored-output comparison.
     os.environ.pop("TUTORIAL_DATA_DIR", None)
+    # Notebook 04 resumes from a checkpoint it finds: start every test session from scratch so
+    # the notebooks run exactly as in a fresh clone.
+    shutil.rmtree(SMOKE_RUN, ignore_errors=True)
 
 
 def pytest_collectstart(collector: pytest.Collector) -> None:

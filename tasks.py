@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -66,6 +67,8 @@ def execute_notebooks(python: Path, smoke: bool, in_place: bool) -> None:
     else:
         env.pop("TUTORIAL_SMOKE", None)
     out_dir = ROOT / "runs" / "executed"
+    if smoke:  # as in a fresh clone: notebook 04 would otherwise resume an earlier smoke run
+        shutil.rmtree(ROOT / "runs" / "smoke", ignore_errors=True)
     for notebook in NOTEBOOKS:
         started = time.perf_counter()
         target = ["--inplace"] if in_place else ["--output-dir", out_dir]

@@ -8,6 +8,7 @@ classes or functions that were defined in a notebook.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import math
@@ -18,6 +19,7 @@ import re
 import reprlib
 import shutil
 import tempfile
+import time
 import urllib.request
 import warnings
 import zipfile
@@ -1425,3 +1427,475 @@ def make_dataset(
         transforms=build_transforms(train=train, size=image_size),
         max_side=image_size * 5 // 4,
     )
+
+
+# ---- Training, evaluation and checkpoints ----
+
+CHECKPOINT_NAME = "last_checkpoint.pt"
+BEST_MODEL_NAME = "best_model.pt"
+METRICS_NAME = "metrics.csv"
+TEST_METRICS_NAME = "test_metrics.json"
+TRAIN_SETTINGS_NAME = "train_settings.json"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def default_workers() -> int:
+    """DataLoader worker processes for this machine: half the cores, at most 4, at least 0.
+
+    Windows and macOS start workers with spawn; they import windows_utils to rebuild the dataset,
+    which is why everything a worker needs lives in this module.
+    """
+    return min(4, (os.cpu_count() or 2) // 2)
+
+
+def make_loader(dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
+                workers: int | None = None, seed: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader for detection: shuffled with its own seeded generator when training, pinned
+    memory on CUDA, workers kept alive between epochs."""
+    workers = default_workers() if workers is None else workers
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=train,
+        drop_last=train and len(dataset) > batch_size,  # a batch of one destabilises BatchNorm
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        collate_fn=collate_detection,
+        generator=torch.Generator().manual_seed(seed) if train else None,
+    )
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """Mixed precision where it pays: bf16 on GPUs that support it, else fp16 on CUDA; none on
+    CPU and MPS (fp32 there is both safe and, on most CPUs, not slower)."""
+    if device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def _to_device(images, targets, device):
+    non_blocking = device.type == "cuda"
+    images = [image.to(device, non_blocking=non_blocking) for image in images]
+    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, *, epoch: int,
+                    on_step: Callable[[int], None] | None = None, progress: bool = True,
+                    global_step: int = 0) -> tuple[dict[str, float], int]:
+    """One pass over `loader`; returns the mean of each loss and the new global step count.
+
+    Raises TrainingDiverged at the first non-finite loss, before the optimizer applies it.
+    """
+    from tqdm.auto import tqdm
+
+    model.train()
+    dtype = autocast_dtype(device)
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress)
+    for images, targets in bar:
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            losses = model(images, targets)
+        loss = sum(losses.values())
+        if not torch.isfinite(loss):
+            details = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            raise TrainingDiverged(
+                f"The loss became {loss.item()} at epoch {epoch + 1}, step {global_step + 1} "
+                f"({details}). The last good checkpoint is untouched. Try a lower learning rate "
+                "(e.g. half), check the annotations with notebook 01's QA report (degenerate "
+                "shapes), or turn mixed precision off."
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scale_before = scaler.get_scale()
+            scaler.step(optimizer)
+            scaler.update()
+            stepped = scaler.get_scale() >= scale_before  # a skipped step lowers the scale
+        else:
+            loss.backward()
+            optimizer.step()
+            stepped = True
+        if stepped:
+            scheduler.step()
+        global_step += 1
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value.item()
+        sums["loss"] = sums.get("loss", 0.0) + loss.item()
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step is not None:
+            on_step(global_step)
+    batches = max(1, len(loader))
+    return {name: total / batches for name, total in sums.items()}, global_step
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device) -> float:
+    """Mean loss on `loader` without touching what training learned.
+
+    Mask R-CNN only computes losses in training mode, and in training mode BatchNorm layers
+    (the v2 model's backbone, FPN and heads have them) update their running statistics with every
+    batch: validating in plain train mode would quietly tune them to the validation images.
+    Here the model is in training mode but every BatchNorm layer is put in eval mode, so it uses
+    and keeps its statistics.
+    """
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    dtype = autocast_dtype(device)
+    total, batches = 0.0, 0
+    for images, targets in loader:
+        images, targets = _to_device(images, targets, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            total += sum(model(images, targets).values()).item()
+        batches += 1
+    model.train(was_training)
+    return total / max(1, batches)
+
+
+def _coco_annotation(mask: np.ndarray, box: Sequence[float], label: int) -> dict[str, Any]:
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    return {"segmentation": rle, "bbox": [x1, y1, x2 - x1, y2 - y1],
+            "area": float(mask.sum()), "category_id": int(label)}
+
+
+@torch.no_grad()
+def evaluate_coco(model, loader, device, class_names: Sequence[str], *, progress: bool = True,
+                  mask_threshold: float = 0.5) -> dict[str, float]:
+    """COCO box and mask AP of `model` on `loader`, computed by pycocotools.
+
+    Images are evaluated at the size the validation recipe produces (the model's training
+    size); a detection's soft mask is cut at `mask_threshold`. Returns bbox_AP, bbox_AP50,
+    bbox_AP75, segm_AP, segm_AP50, segm_AP75 (0-1; -1 when there is nothing to evaluate).
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    from tqdm.auto import tqdm
+
+    model.eval()
+    dtype = autocast_dtype(device)
+    images_info, truths, detections = [], [], []
+    image_id = 0
+    for images, targets in tqdm(loader, desc="COCO evaluation", leave=False, disable=not progress):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            outputs = model([image.to(device) for image in images])
+        for image, target, output in zip(images, targets, outputs):
+            image_id += 1
+            height, width = image.shape[-2:]
+            images_info.append({"id": image_id, "height": height, "width": width})
+            for mask, box, label in zip(target["masks"].numpy(), target["boxes"].tolist(),
+                                        target["labels"].tolist()):
+                truths.append({**_coco_annotation(mask, box, label), "image_id": image_id,
+                               "iscrowd": 0, "id": len(truths) + 1})
+            masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy()
+            for mask, box, label, score in zip(masks, output["boxes"].float().tolist(),
+                                               output["labels"].tolist(),
+                                               output["scores"].float().tolist()):
+                detections.append({**_coco_annotation(mask, box, label), "image_id": image_id,
+                                   "score": score})
+    metrics = {f"{kind}_{name}": -1.0 for kind in ("bbox", "segm") for name in ("AP", "AP50", "AP75")}
+    if not truths:
+        return metrics
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        ground_truth = COCO()
+        ground_truth.dataset = {
+            "images": images_info, "annotations": truths,
+            "categories": [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0],
+        }
+        ground_truth.createIndex()
+        if not detections:
+            return {key: 0.0 for key in metrics}
+        results = ground_truth.loadRes(detections)
+        for kind in ("bbox", "segm"):
+            evaluator = COCOeval(ground_truth, results, iouType=kind)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            for name, value in zip(("AP", "AP50", "AP75"), evaluator.stats[:3]):
+                metrics[f"{kind}_{name}"] = float(value)
+    return metrics
+
+
+def save_atomic(obj: Any, path: os.PathLike | str) -> Path:
+    """torch.save through a temporary file and a rename: a crash mid-save never corrupts the file
+    that was there before."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(path: os.PathLike | str, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely: weights_only=True refuses pickled code, so a checkpoint from an
+    untrusted source cannot run anything on this machine."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{show_path(path)} does not exist. Run notebook 04 first.")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    random.setstate(state["python"])
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    import csv
+
+    columns = list(dict.fromkeys(key for row in history for key in row))
+    tmp = run_dir / f".{METRICS_NAME}.tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, run_dir / METRICS_NAME)
+
+
+def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: int, lr: float,
+        device: torch.device, class_names: Sequence[str], eval_every: int = 1,
+        settings: Mapping[str, Any] | None = None, progress: bool = True, seed: int = 0,
+        on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Train with AdamW + OneCycleLR, resuming from the run folder's last checkpoint if present.
+
+    Each epoch: train, validation loss (BatchNorm-safe), COCO AP every `eval_every` epochs and on
+    the last one, then an atomic checkpoint of everything needed to resume (model, optimizer,
+    scheduler, gradient scaler, epoch, step, RNG states, history). The model with the best mask
+    AP so far is also saved on its own for inference. Returns the metrics history.
+
+    Resuming is exact with `num_workers=0` (the RNG states are restored); with worker processes
+    the augmentations of the resumed epochs are drawn anew, which does not matter for training.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=lr, total_steps=max(1, epochs * len(train_loader))
+    )
+    scaler = torch.amp.GradScaler("cuda") if autocast_dtype(device) == torch.float16 else None
+    start_epoch, global_step, best_ap, history = 0, 0, -math.inf, []
+
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, device)
+        if state["epochs"] != epochs or state["steps_per_epoch"] != len(train_loader):
+            raise ValueError(
+                f"{show_path(checkpoint_path)} belongs to a run of {state['epochs']} epochs x "
+                f"{state['steps_per_epoch']} steps, not {epochs} x {len(train_loader)}. Use "
+                "another RUN_DIR, or delete the checkpoint to start over."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        best_ap, history = state["best_segm_AP"], list(state["history"])
+        print(f"Resuming from {show_path(checkpoint_path)}: {start_epoch} of {epochs} epochs done.")
+        if start_epoch >= epochs:
+            return history
+    if settings is not None:
+        write_json_atomic(run_dir / TRAIN_SETTINGS_NAME, dict(settings))
+
+    for epoch in tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress,
+                      initial=start_epoch, total=epochs):
+        started = time.perf_counter()
+        if getattr(train_loader, "generator", None) is not None:
+            # the shuffle order depends only on (seed, epoch), so a resumed run sees the same order
+            train_loader.generator.manual_seed(seed + epoch)
+        losses, global_step = train_one_epoch(
+            model, train_loader, optimizer, scheduler, scaler, device, epoch=epoch,
+            on_step=on_step, progress=progress, global_step=global_step,
+        )
+        row = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
+               **{f"train_{k}": v for k, v in losses.items()},
+               "val_loss": validation_loss(model, val_loader, device)}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            row.update(evaluate_coco(model, val_loader, device, class_names, progress=progress))
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        if row.get("segm_AP", -math.inf) > best_ap:
+            best_ap = row["segm_AP"]
+            save_atomic({"model": model.state_dict(), "class_names": list(class_names),
+                         "epoch": epoch + 1, "segm_AP": best_ap}, run_dir / BEST_MODEL_NAME)
+        save_atomic({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "epoch": epoch + 1, "global_step": global_step, "epochs": epochs,
+            "steps_per_epoch": len(train_loader), "best_segm_AP": best_ap, "history": history,
+            "rng": _rng_state(),
+        }, checkpoint_path)
+        _write_metrics(run_dir, history)
+    return history
+
+
+def plot_history(history: Sequence[Mapping[str, float]], path: os.PathLike | str | None = None):
+    """Loss curves and validation AP per epoch, saved to `path` when given."""
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.5))
+    left.plot(epochs, [row["train_loss"] for row in history], "o-", label="train loss")
+    left.plot(epochs, [row["val_loss"] for row in history], "o-", label="validation loss")
+    left.set(xlabel="epoch", ylabel="loss", title="Losses")
+    left.legend()
+    for key, style in (("bbox_AP", "o-"), ("segm_AP", "s-"), ("segm_AP50", "^--")):
+        points = [(row["epoch"], row[key]) for row in history if row.get(key, -1) >= 0]
+        if points:
+            right.plot(*zip(*points), style, label=key.replace("_", " "))
+    right.set(xlabel="epoch", ylabel="AP", ylim=(0, 1), title="Validation AP (COCO)")
+    right.legend()
+    fig.tight_layout()
+    if path is not None:
+        fig.savefig(path, dpi=100)
+    return fig
+
+
+# ---- Inference and model-assisted labelling ----
+
+
+def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = "cpu"
+                       ) -> tuple[torch.nn.Module, list[str]]:
+    """The best checkpoint of a run (notebook 04), ready for inference, and its class names."""
+    settings = read_artifact(run_dir, MODEL_SETTINGS_NAME, "02_model_setup")
+    checkpoint = load_checkpoint(Path(run_dir) / BEST_MODEL_NAME, device)
+    model = build_model(len(checkpoint["class_names"]), image_size=settings["image_size"],
+                        pretrained=False)
+    model.load_state_dict(checkpoint["model"])
+    return model.to(device).eval(), list(checkpoint["class_names"])
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, image: Image.Image, device: torch.device | str = "cpu", *,
+            score_threshold: float = 0.5, mask_threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Detections for one image, in that image's own pixel coordinates.
+
+    The model's internal transform resizes the image to the training size and maps boxes and
+    masks back to the input size, so no manual rescaling is needed. Returns boxes (XYXY), labels,
+    scores and boolean masks (N, H, W) of the detections scoring at least `score_threshold`.
+    """
+    model.eval()
+    tensor = TF.to_dtype(TF.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
+    (output,) = model([tensor.to(device)])
+    keep = output["scores"] >= score_threshold
+    return {
+        "boxes": output["boxes"][keep].float().cpu(),
+        "labels": output["labels"][keep].cpu(),
+        "scores": output["scores"][keep].float().cpu(),
+        "masks": (output["masks"][keep, 0] >= mask_threshold).cpu(),
+    }
+
+
+def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, min_area: float = 16.0
+                     ) -> list[list[list[float]]]:
+    """Outlines of a boolean mask as LabelMe polygons, simplified to within `tolerance` pixels.
+
+    Each separate blob becomes one polygon (holes are ignored, as in LabelMe's polygons); blobs
+    smaller than `min_area` pixels are dropped. OpenCV traces the outlines.
+    """
+    import cv2
+
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    polygons = []
+    for contour in contours:
+        if cv2.contourArea(contour) < min_area:
+            continue
+        simplified = cv2.approxPolyDP(contour, tolerance, closed=True)[:, 0, :]
+        if len(simplified) >= 3:
+            polygons.append([[float(x), float(y)] for x, y in simplified])
+    return polygons
+
+
+def prediction_to_labelme(prediction: Mapping[str, torch.Tensor], class_names: Sequence[str],
+                          image_name: str, width: int, height: int) -> dict[str, Any]:
+    """A LabelMe 5.x document holding a prediction's masks as polygons.
+
+    Instances made of several blobs share a group_id, so loading the file back (or opening it in
+    LabelMe and training again) keeps them one instance. The score goes into the description.
+    """
+    shapes = []
+    for index, (mask, label, score) in enumerate(zip(
+            prediction["masks"].numpy(), prediction["labels"].tolist(), prediction["scores"].tolist())):
+        polygons = mask_to_polygons(mask)
+        for points in polygons:
+            shapes.append({
+                "label": class_names[label], "points": points, "group_id": index if len(polygons) > 1 else None,
+                "description": f"score {score:.3f}", "shape_type": "polygon", "flags": {},
+            })
+    return {"version": "5.4.1", "flags": {}, "shapes": shapes, "imagePath": image_name,
+            "imageData": None, "imageHeight": height, "imageWidth": width}
+
+
+def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], out_dir: os.PathLike | str,
+                   class_names: Sequence[str], colors: Sequence[Sequence[int]], device="cpu", *,
+                   score_threshold: float = 0.5, mask_threshold: float = 0.5,
+                   progress: bool = True) -> list[dict[str, Any]]:
+    """Predict every image and write, into out_dir: a copy of the image, its predictions as a
+    LabelMe JSON file beside it, and a drawing of them in out_dir/annotated/.
+
+    Open out_dir in LabelMe, correct the predictions, and train on the folder: model-assisted
+    labelling. A JSON file already in out_dir is never overwritten (it may hold your
+    corrections); delete it to get a fresh prediction. Returns one summary row per image; a
+    detection whose mask is too small to trace (under 16 pixels) has no LabelMe instance.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for path in tqdm([Path(p) for p in images], desc="predicting", disable=not progress):
+        with Image.open(path) as opened:
+            image = _to_rgb(ImageOps.exif_transpose(opened))
+        prediction = predict(model, image, device, score_threshold=score_threshold,
+                             mask_threshold=mask_threshold)
+        names = [class_names[i] for i in prediction["labels"]]
+        drawn = draw_instances(TF.pil_to_tensor(image), prediction["masks"], prediction["boxes"],
+                               [f"{n} {s:.2f}" for n, s in zip(names, prediction["scores"].tolist())],
+                               [colors[i - 1] for i in prediction["labels"]])
+        TF.to_pil_image(drawn).save(out_dir / "annotated" / f"{path.stem}.jpg", quality=90)
+        json_path = out_dir / f"{path.stem}.json"
+        kept = json_path.exists()
+        if not kept:
+            image_copy = out_dir / f"{path.stem}{path.suffix.lower()}"
+            if image_copy.resolve() != path.resolve():
+                # the original file, EXIF included: LabelMe and our loader both apply the EXIF
+                # rotation, and the polygons are in that rotated frame
+                shutil.copyfile(path, image_copy)
+            document = prediction_to_labelme(prediction, class_names, image_copy.name, *image.size)
+            write_json_atomic(json_path, document)
+        instances = None if kept else len({(s["label"], s["group_id"] if s["group_id"] is not None
+                                            else f"shape {i}") for i, s in enumerate(document["shapes"])})
+        rows.append({"image": path.name, "detections": len(names), "labelme instances": instances,
+                     "json": "kept (already there)" if kept else "written"})
+    return rows

@@ -1,0 +1,92 @@
+"""Inference helpers (notebook 05): thresholds, polygons, LabelMe output that loads back."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import windows_utils as wu
+
+CLASSES = ["background", "card", "logo"]
+COLORS = [(255, 0, 0), (0, 0, 255)]
+
+
+def two_instances(height=60, width=80):
+    masks = torch.zeros(2, height, width, dtype=torch.bool)
+    masks[0, 10:30, 10:40] = True                      # one rectangle
+    masks[1, 40:55, 5:20] = True                       # an instance in two pieces
+    masks[1, 40:55, 50:70] = True
+    return {"masks": masks, "boxes": wu.boxes_from_masks(masks), "labels": torch.tensor([1, 2]),
+            "scores": torch.tensor([0.93, 0.61])}
+
+
+class FixedPredictor(torch.nn.Module):
+    """Returns the same detections for every image, as soft masks, like Mask R-CNN in eval mode."""
+
+    def __init__(self, prediction, extra_low_score=True):
+        super().__init__()
+        self.prediction = prediction
+        self.extra = extra_low_score
+
+    def forward(self, images):
+        p = self.prediction
+        masks, boxes, labels, scores = p["masks"].float()[:, None], p["boxes"], p["labels"], p["scores"]
+        if self.extra:  # a weak detection that the score threshold must drop
+            masks = torch.cat([masks, torch.ones_like(masks[:1]) * 0.9])
+            boxes = torch.cat([boxes, torch.tensor([[0.0, 0.0, 5.0, 5.0]])])
+            labels, scores = torch.cat([labels, torch.tensor([1])]), torch.cat([scores, torch.tensor([0.2])])
+        return [{"masks": masks, "boxes": boxes, "labels": labels, "scores": scores} for _ in images]
+
+
+def test_predict_applies_both_thresholds():
+    truth = two_instances()
+    out = wu.predict(FixedPredictor(truth), Image.new("RGB", (80, 60)), score_threshold=0.5)
+    assert out["scores"].tolist() == pytest.approx([0.93, 0.61])
+    assert out["masks"].dtype == torch.bool and torch.equal(out["masks"], truth["masks"])
+
+
+def test_mask_to_polygons_traces_each_blob_and_drops_specks():
+    mask = np.zeros((60, 80), dtype=bool)
+    mask[10:30, 10:40] = True
+    mask[50:52, 70:72] = True  # 4 pixels: a speck
+    (polygon,) = wu.mask_to_polygons(mask)
+    xs, ys = zip(*polygon)
+    assert (min(xs), max(xs), min(ys), max(ys)) == (10, 39, 10, 29) and len(polygon) == 4
+
+
+def test_labelme_output_loads_back_as_the_same_instances(tmp_path):
+    truth = two_instances()
+    Image.new("RGB", (80, 60), "gray").save(tmp_path / "photo.jpg")
+    document = wu.prediction_to_labelme(truth, CLASSES, "photo.jpg", 80, 60)
+    (tmp_path / "photo.json").write_text(json.dumps(document))
+    sample = wu.load_labelme_file(tmp_path / "photo.json")
+    assert [inst.label for inst in sample.instances] == ["card", "logo"]
+    assert [len(inst.shapes) for inst in sample.instances] == [1, 2]  # the two pieces stay one
+    masks = torch.from_numpy(sample.rasterize())
+    for loaded, original in zip(masks, truth["masks"]):
+        iou = (loaded & original).sum() / (loaded | original).sum()
+        assert iou > 0.9
+
+
+def test_predict_folder_writes_labelme_files_and_never_overwrites_them(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (80, 60), "gray").save(source / f"{name}.jpg")
+    out = tmp_path / "out"
+    model = FixedPredictor(two_instances())
+    rows = wu.predict_folder(model, sorted(source.glob("*.jpg")), out, CLASSES, COLORS, progress=False)
+    assert [r["detections"] for r in rows] == [2, 2] and {r["json"] for r in rows} == {"written"}
+    assert [r["labelme instances"] for r in rows] == [2, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "a.json", "annotated", "b.jpg", "b.json"]
+    assert len(wu.load_labelme_folder(out)) == 2
+
+    corrected = json.loads((out / "a.json").read_text())
+    corrected["shapes"] = corrected["shapes"][:1]  # a user's correction
+    (out / "a.json").write_text(json.dumps(corrected))
+    rows = wu.predict_folder(model, sorted(source.glob("*.jpg")), out, CLASSES, COLORS, progress=False)
+    assert rows[0]["json"] == "kept (already there)"
+    assert json.loads((out / "a.json").read_text()) == corrected
