@@ -1899,3 +1899,76 @@ def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], 
         rows.append({"image": path.name, "detections": len(names), "labelme instances": instances,
                      "json": "kept (already there)" if kept else "written"})
     return rows
+
+
+# ---- ONNX export ----
+
+ONNX_OUTPUTS = ("boxes", "labels", "scores", "masks")
+
+
+def export_onnx(model: torch.nn.Module, path: os.PathLike | str, example: torch.Tensor, *,
+                score_thresh: float | None = None, opset: int = 17) -> Path:
+    """Export Mask R-CNN to ONNX: one float image (3, H, W) in [0, 1] of any size in; boxes,
+    labels, scores and per-detection soft masks (N, 1, H, W) at the input's size out.
+
+    Uses the TorchScript-based exporter (`dynamo=False`), the one torchvision's detection models
+    are tested with. `score_thresh` overrides the model's internal score cut (0.05) for this
+    export, e.g. 0.0 to get every detection for a parity check. The graph is validated with
+    onnx.checker before it replaces an earlier file.
+    """
+    import copy
+
+    import onnx
+
+    model = copy.deepcopy(model).cpu().eval()
+    if score_thresh is not None:
+        model.roi_heads.score_thresh = score_thresh
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    dynamic = {"image": {1: "height", 2: "width"}, **{name: {0: "detections"} for name in ONNX_OUTPUTS}}
+    with warnings.catch_warnings():
+        # tracing Mask R-CNN prints dozens of TracerWarnings about shapes it records as
+        # computations; the parity check is what shows the export is right
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, ([example.cpu()],), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=["image"], output_names=list(ONNX_OUTPUTS),
+                          dynamic_axes=dynamic)
+    onnx.checker.check_model(str(tmp), full_check=True)
+    os.replace(tmp, path)
+    return path
+
+
+def compare_detections(eager: Mapping[str, torch.Tensor], onnx_outputs: Sequence[np.ndarray], *,
+                       score_threshold: float = 0.0, mask_threshold: float = 0.5) -> dict[str, float]:
+    """How closely ONNX Runtime's detections match PyTorch's for one image.
+
+    Each PyTorch detection at or above `score_threshold` is paired with the ONNX detection of the
+    same class whose box overlaps it most (order can differ when scores tie). Returns both
+    counts and, over the pairs, the smallest box IoU, the smallest mask IoU and the largest
+    score difference (1.0, 1.0 and 0.0 when there is nothing to compare).
+    """
+    boxes, labels, scores, masks = (torch.as_tensor(np.asarray(a)) for a in onnx_outputs)
+    keep_e = eager["scores"] >= score_threshold
+    keep_o = scores >= score_threshold
+    e_boxes, e_labels, e_scores = eager["boxes"][keep_e], eager["labels"][keep_e], eager["scores"][keep_e]
+    e_masks = eager["masks"][keep_e, 0] >= mask_threshold
+    o_boxes, o_labels, o_scores = boxes[keep_o], labels[keep_o], scores[keep_o]
+    o_masks = masks[keep_o, 0] >= mask_threshold
+    result = {"torch_detections": int(keep_e.sum()), "onnx_detections": int(keep_o.sum()),
+              "min_box_iou": 1.0, "min_mask_iou": 1.0, "max_score_diff": 0.0}
+    if len(e_boxes) == 0 or len(o_boxes) == 0:
+        return result
+    ious = box_iou(e_boxes.float(), o_boxes.float())
+    ious[e_labels[:, None] != o_labels[None, :]] = -1
+    best = ious.argmax(dim=1)
+    pairs = torch.arange(len(e_boxes))
+    overlap = (e_masks & o_masks[best]).flatten(1).sum(1).float()
+    union = (e_masks | o_masks[best]).flatten(1).sum(1).float()
+    mask_iou = torch.where(union > 0, overlap / union.clamp(min=1), torch.ones_like(union))
+    result.update(
+        min_box_iou=float(ious[pairs, best].min()),
+        min_mask_iou=float(mask_iou.min()),
+        max_score_diff=float((e_scores - o_scores[best]).abs().max()),
+    )
+    return result

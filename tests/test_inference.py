@@ -90,3 +90,27 @@ def test_predict_folder_writes_labelme_files_and_never_overwrites_them(tmp_path)
     rows = wu.predict_folder(model, sorted(source.glob("*.jpg")), out, CLASSES, COLORS, progress=False)
     assert rows[0]["json"] == "kept (already there)"
     assert json.loads((out / "a.json").read_text()) == corrected
+
+
+def onnx_style(prediction, order=None):
+    """The same detections as ONNX Runtime returns them: NumPy arrays, soft masks (N, 1, H, W)."""
+    order = torch.arange(len(prediction["scores"])) if order is None else torch.tensor(order)
+    return (prediction["boxes"][order].numpy(), prediction["labels"][order].numpy(),
+            prediction["scores"][order].numpy(), prediction["masks"][order, None].float().numpy())
+
+
+def test_compare_detections_pairs_detections_whatever_their_order():
+    truth = two_instances()
+    eager = {**truth, "masks": truth["masks"][:, None].float()}
+    same = wu.compare_detections(eager, onnx_style(truth, order=[1, 0]))
+    assert same == {"torch_detections": 2, "onnx_detections": 2, "min_box_iou": 1.0,
+                    "min_mask_iou": 1.0, "max_score_diff": 0.0}
+
+    moved = {**truth, "boxes": truth["boxes"] + torch.tensor([3.0, 0, 3, 0]),
+             "masks": torch.roll(truth["masks"], 3, dims=-1), "scores": truth["scores"] + 0.01}
+    report = wu.compare_detections(eager, onnx_style(moved))
+    assert report["min_box_iou"] < 0.99 and report["min_mask_iou"] < 0.98
+    assert report["max_score_diff"] == pytest.approx(0.01, abs=1e-6)
+
+    fewer = wu.compare_detections(eager, onnx_style(truth, order=[0]), score_threshold=0.5)
+    assert (fewer["torch_detections"], fewer["onnx_detections"]) == (2, 1)
