@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""Measure this project against the reference tutorial, side by side, on this machine.
+
+    python benchmarks/run.py            # full: batch 4 at 512 px, more repeats, the test suite
+    python benchmarks/run.py --quick    # a few minutes on a CPU: fewer repeats, smaller step
+
+Every figure is a median over repeats, and both sides of a ratio are measured in the same run,
+alternating where that is possible, because these machines are noisy. Training steps and
+inference run in fresh subprocesses, one per variant, so each peak-memory figure belongs to one
+variant only. The table is printed and written to benchmarks/results.json.
+
+What is compared (reference = benchmarks/reference_pipeline.py, a re-implementation of the
+reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
+- data pipeline: train-recipe samples per second on one CPU thread;
+- training step: images per second for AdamW steps at the same batch and image size; the
+  reference model resizes inputs to 800 px internally and trains in fp32, this project's runs at
+  the pipeline's size (and in bf16/fp16 autocast on a GPU);
+- inference latency for one 640x480 photo on the CPU: eager PyTorch (both) and ONNX Runtime;
+- the wall time of the project's test suite (full mode, or --with-tests).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+CLASSES = ["background", "student_id"]
+
+
+def find_dataset(explicit: str | None) -> Path:
+    import windows_utils as wu
+
+    candidates = [explicit] if explicit else [
+        os.environ.get(wu.DATA_DIR_ENV), ROOT.parent / "shared" / "datasets" / "student-id",
+        wu.DATA_CACHE / "student-id",
+    ]
+    for candidate in candidates:
+        if candidate and Path(candidate).is_dir() and any(Path(candidate).glob("*.json")):
+            return Path(candidate)
+    print("The full dataset was not found; measuring on the embedded 12-image sample.")
+    return wu.SAMPLE_DIR
+
+
+def peak_rss_mb() -> float:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak / 1e3  # bytes on macOS, KiB elsewhere
+
+
+# ---- measurements run inside a subprocess (one variant each) ----
+
+
+def measure_pipeline(args) -> dict:
+    """Samples/s of both train recipes on one thread, alternating rounds of each."""
+    import torch
+
+    import windows_utils as wu
+    from reference_pipeline import reference_dataset
+
+    torch.set_num_threads(1)
+    folder = Path(args.data)
+    ours = wu.make_dataset(wu.load_labelme_folder(folder), CLASSES, train=True, image_size=args.size)
+    reference = reference_dataset(folder, args.size)
+    rates: dict[str, list[float]] = {"reference": [], "ours": []}
+    per_round = min(len(ours), args.pipeline_samples)
+    for round_ in range(args.rounds):
+        for name, dataset in (("reference", reference), ("ours", ours)):
+            torch.manual_seed(round_)
+            start = time.perf_counter()
+            for i in range(per_round):
+                dataset[i % len(dataset)]
+            rates[name].append(per_round / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def measure_train_step(args) -> dict:
+    """Images/s of training steps for one variant (args.variant)."""
+    import torch
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    import windows_utils as wu
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    if args.variant == "reference":
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(CLASSES))
+        dtype = None
+    else:
+        model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
+        dtype = wu.autocast_dtype(device)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+    model.to(device).train()
+    dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
+    batch = [dataset[i % len(dataset)] for i in range(args.batch)]
+    images = [image.to(device) for image, _ in batch]
+    targets = [{k: v.to(device) for k, v in target.items()} for _, target in batch]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
+
+    def step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = sum(model(images, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()  # warm-up: allocations, cudnn autotuning
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    result = {"images_per_s": args.batch / statistics.median(times), "peak_rss_mb": peak_rss_mb()}
+    if device.type == "cuda":
+        result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
+    return result
+
+
+def measure_inference(args) -> dict:
+    """Median latency for one 640x480 photo on the CPU for one variant (args.variant)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
+
+    import windows_utils as wu
+
+    torch.manual_seed(0)
+    if args.variant == "reference":
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(CLASSES))
+    else:
+        model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
+    model.eval()
+    photo = next(Path(args.data).glob("*.jpg"))
+    image = Image.open(photo).convert("RGB").resize((640, 480))
+    tensor = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255)
+    if args.variant == "onnx":
+        import tempfile
+
+        import onnxruntime as ort
+
+        path = wu.export_onnx(model, Path(tempfile.mkdtemp()) / "model.onnx", tensor)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        run = lambda: session.run(None, {"image": tensor.numpy()})  # noqa: E731
+        detections = lambda out: len(out[2])  # noqa: E731
+    else:
+        def run():
+            with torch.no_grad():
+                return model([tensor])
+
+        detections = lambda out: len(out[0]["scores"])  # noqa: E731
+    found = detections(run())
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return {"ms": 1000 * statistics.median(times), "detections": found, "peak_rss_mb": peak_rss_mb()}
+
+
+MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step, "infer": measure_inference}
+
+
+# ---- the driver ----
+
+
+def in_subprocess(name: str, args, **overrides) -> dict:
+    options = {**vars(args), **overrides}
+    command = [sys.executable, __file__, "--measure", name]
+    for key in ("data", "size", "batch", "steps", "rounds", "pipeline_samples", "device", "variant"):
+        command += [f"--{key.replace('_', '-')}", str(options[key])]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def _number(value: float) -> str:
+    if value != value:  # NaN: no such figure
+        return "-"
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 1 else f"{value:.3f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
+    parser.add_argument("--data", default=None, help="LabelMe folder (default: the student-ID dataset)")
+    parser.add_argument("--with-tests", action="store_true", help="also time the test suite")
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
+    # internal: one measurement in this process
+    parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)
+    for key, default in (("size", 512), ("batch", 4), ("steps", 3), ("rounds", 3),
+                         ("pipeline-samples", 150), ("device", "cpu"), ("variant", "ours")):
+        parser.add_argument(f"--{key}", default=default, type=type(default), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.measure:
+        print(json.dumps(MEASUREMENTS[args.measure](args)))
+        return 0
+
+    import torch
+
+    args.data = str(find_dataset(args.data))
+    if args.quick:
+        args.rounds, args.pipeline_samples, args.steps = 3, 40, 2
+    train_size, train_batch = (256, 2) if args.quick else (512, 4)
+    started = time.perf_counter()
+    results: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads, {platform.system()}",
+        "torch": torch.__version__, "mode": "quick" if args.quick else "full", "data": args.data,
+    }
+    rows = []
+
+    print("data pipeline (one CPU thread)...", flush=True)
+    pipeline = in_subprocess("pipeline", args)
+    results["pipeline_samples_per_s"] = pipeline
+    rows.append(("data pipeline, train recipe, 1 thread, samples/s", pipeline["reference"],
+                 pipeline["ours"], pipeline["ours"] / pipeline["reference"], ""))
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"training steps on {device} (batch {train_batch}, {train_size} px)...", flush=True)
+        step = {variant: in_subprocess("train", args, device=device, variant=variant, size=train_size,
+                                       batch=train_batch) for variant in ("reference", "ours")}
+        results[f"train_step_{device}"] = {"batch": train_batch, "size": train_size, **step}
+        memory = "peak_gpu_mb" if device == "cuda" else "peak_rss_mb"
+        rows.append((f"training step on {device}, batch {train_batch} at {train_size} px, images/s",
+                     step["reference"]["images_per_s"], step["ours"]["images_per_s"],
+                     step["ours"]["images_per_s"] / step["reference"]["images_per_s"],
+                     f"peak {memory[5:8].upper()} {step['reference'][memory]:.0f} vs "
+                     f"{step['ours'][memory]:.0f} MB"))
+
+    print("inference latency, 640x480 photo, CPU...", flush=True)
+    infer = {variant: in_subprocess("infer", args, variant=variant, size=512, steps=args.steps + 1)
+             for variant in ("reference", "ours", "onnx")}
+    results["inference_cpu_640x480"] = infer
+    rows.append(("inference on CPU, 640x480, ms (eager)", infer["reference"]["ms"], infer["ours"]["ms"],
+                 infer["reference"]["ms"] / infer["ours"]["ms"],
+                 f"random weights: {infer['ours']['detections']} detections"))
+    rows.append(("inference on CPU, 640x480, ms (ours: eager vs ONNX Runtime)", infer["ours"]["ms"],
+                 infer["onnx"]["ms"], infer["ours"]["ms"] / infer["onnx"]["ms"], ""))
+
+    if args.with_tests or not args.quick:
+        print("test suite...", flush=True)
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT, check=True, capture_output=True)
+        results["test_suite_seconds"] = time.perf_counter() - start
+        rows.append(("test suite wall time, s", float("nan"), results["test_suite_seconds"], float("nan"), ""))
+
+    results["rows"] = [dict(zip(("measure", "reference", "ours", "ratio", "note"), row)) for row in rows]
+    results["benchmark_seconds"] = time.perf_counter() - started
+    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+
+    print(f"\n{results['machine']}, torch {results['torch']}, {results['mode']} mode\n")
+    print("| measure | reference | this project | ratio | note |\n|---|---:|---:|---:|---|")
+    for measure, reference, ours, ratio, note in rows:
+        cells = [_number(value) for value in (reference, ours)]
+        ratio_text = "-" if ratio != ratio else f"{ratio:.2f}x"
+        print(f"| {measure} | {cells[0]} | {cells[1]} | {ratio_text} | {note} |")
+    print(f"\nwritten to {Path(args.output).relative_to(ROOT)} in {results['benchmark_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The benchmark's re-implementation of the reference pipeline must keep producing valid samples,
+or its side-by-side figures would compare against something broken."""
+import sys
+from pathlib import Path
+
+import torch
+
+import windows_utils as wu
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from reference_pipeline import reference_dataset  # noqa: E402
+
+
+def test_reference_pipeline_gives_training_samples():
+    dataset = reference_dataset(wu.SAMPLE_DIR, size=128)
+    assert len(dataset) == len(list(wu.SAMPLE_DIR.glob("*.json")))
+    torch.manual_seed(0)
+    for i in range(4):
+        image, target = dataset[i]
+        assert image.shape == (3, 128, 128) and image.dtype == torch.float32
+        assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
