@@ -3,6 +3,17 @@
 It lives in a module rather than in the notebooks because DataLoader workers on Windows and macOS
 start with *spawn*: a worker re-imports every object it receives by module name, and it cannot find
 classes or functions that were defined in a notebook.
+
+Sections, in the order the notebooks need them:
+- LabelMe data layer (01): load_labelme_file/folder, report_labelme_folder, LabelMeDataset
+- project layout, settings and getting the data (01): smoke_profile, get_dataset_dir
+- splits, manifests and run folders (01-06): split_stems, write_json_atomic, load_manifest
+- drawing (01, 03, 05): draw_instances
+- the model (02): build_model
+- augmentation recipes (03): build_transforms, FastColorJitter, RandomIoUCropJitter, TightBoxes
+- training, evaluation and checkpoints (04): fit, validation_loss, evaluate_coco
+- inference and model-assisted labelling (05): predict, predict_folder
+- ONNX export (06): export_onnx, compare_detections
 """
 
 from __future__ import annotations
