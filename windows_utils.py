@@ -43,10 +43,20 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageDraw, ImageOps
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.ops import box_iou, masks_to_boxes
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
+
+try:
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as TF
+except ImportError as error:  # torchvision < 0.16: say what to do instead of a bare traceback
+    import torchvision
+
+    raise ImportError(
+        f"torchvision {torchvision.__version__} is too old for this tutorial, which needs the "
+        "transforms.v2 API with tv_tensors (torchvision 0.16 or newer). Fix: "
+        "pip install torch==2.14.1 torchvision==0.29.1 (on Colab: upgrade, then restart the runtime)."
+    ) from error
 
 # ---- LabelMe data layer ----
 #

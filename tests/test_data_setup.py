@@ -134,3 +134,16 @@ def test_smoke_switch(monkeypatch):
     assert not wu.smoke_profile()
     monkeypatch.delenv(wu.SMOKE_ENV)
     assert not wu.smoke_profile()
+
+
+def test_an_old_torchvision_gets_a_plain_fix(tmp_path):
+    """Importing the module with a torchvision that lacks tv_tensors (< 0.16) says what to do."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torchvision; sys.modules['torchvision.tv_tensors'] = None; "
+            "import windows_utils")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=wu.PROJECT_ROOT)
+    assert result.returncode != 0
+    assert "too old" in result.stderr and "pip install torch==2.14.1 torchvision==0.29.1" in result.stderr
