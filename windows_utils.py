@@ -1797,6 +1797,8 @@ def plot_history(history: Sequence[Mapping[str, float]], path: os.PathLike | str
             right.plot(*zip(*points), style, label=key.replace("_", " "))
     right.set(xlabel="epoch", ylabel="AP", ylim=(0, 1), title="Validation AP (COCO)")
     right.legend()
+    for axis in (left, right):
+        axis.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     fig.tight_layout()
     if path is not None:
         fig.savefig(path, dpi=100)
