@@ -735,6 +735,9 @@ class LabelMeDataset(Dataset):
 
         ``max_side`` caps the longest image side (see ``LabelMeSample.load_image``) so a
         pipeline that trains at a lower resolution does not decode full-size photos.
+        ``transforms`` is called as ``transforms(image, target)`` with the image as an 8-bit RGB
+        PIL image (as torchvision's own datasets do) and the target's masks and boxes as
+        tv_tensors; whatever it returns is converted to a float tensor in [0, 1] if needed.
         """
         if len(class_names) < 2 or len(set(class_names)) != len(class_names):
             raise ValueError(
