@@ -1436,20 +1436,24 @@ def build_transforms(train: bool, size: int) -> v2.Compose:
     ])
 
 
+def decode_side(image_size: int) -> int:
+    """Longest side photos are decoded at for a pipeline producing `image_size` images.
+
+    1.25 x image_size: a crop may still be upsampled a little, but a 4000 px phone photo is never
+    decoded in full to make a 512 px training image.
+    """
+    return image_size * 5 // 4
+
+
 def make_dataset(
     samples: Sequence[LabelMeSample], class_names: Sequence[str], *, train: bool, image_size: int
 ) -> LabelMeDataset:
-    """A LabelMeDataset with the train or validation recipe at `image_size`.
-
-    Photos are decoded with their longest side capped at 1.25 x image_size: a crop may still be
-    upsampled a little, but a 4000 px phone photo is never decoded in full to make a 512 px
-    training image.
-    """
+    """A LabelMeDataset with the train or validation recipe at `image_size`."""
     return LabelMeDataset(
         samples,
         class_names,
         transforms=build_transforms(train=train, size=image_size),
-        max_side=image_size * 5 // 4,
+        max_side=decode_side(image_size),
     )
 
 
