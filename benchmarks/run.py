@@ -3,6 +3,7 @@
 
     python benchmarks/run.py            # full: batch 4 at 512 px, more repeats, the test suite
     python benchmarks/run.py --quick    # a few minutes on a CPU: fewer repeats, smaller step
+    python benchmarks/run.py --parts train --train-devices cuda   # only the GPU training figures
 
 Every figure is a median over repeats, and both sides of a ratio are measured in the same run,
 alternating where that is possible, because these machines are noisy. Training steps and
@@ -14,7 +15,9 @@ reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
 - data pipeline: train-recipe samples per second on one CPU thread;
 - training step: images per second for AdamW steps at the same batch and image size; the
   reference model resizes inputs to 800 px internally and trains in fp32, this project's runs at
-  the pipeline's size (and in bf16/fp16 autocast on a GPU);
+  the pipeline's size (and in bf16/fp16 autocast on a GPU). On a GPU also: this project's step in
+  channels-last memory format, and its training fed by its own DataLoader instead of preloaded
+  batches, with the share of the time spent waiting for data (does the pipeline starve the GPU?);
 - inference latency for one 640x480 photo on the CPU: eager PyTorch (both) and ONNX Runtime;
 - the wall time of the project's test suite (full mode, or --with-tests).
 """
@@ -97,9 +100,12 @@ def measure_train_step(args) -> dict:
     else:
         model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
         dtype = wu.autocast_dtype(device)
-        if device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
+    # cudnn.benchmark stays off: the mask head's input changes shape with every batch (one row per
+    # positive proposal), so cuDNN would re-tune its kernels at almost every step (measured on an
+    # H100: 4.0 images/s with it, against 60+ without).
     model.to(device).train()
+    if args.variant == "ours_channels_last":  # measured to decide whether the tutorial should use it
+        model.to(memory_format=torch.channels_last)
     dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
     batch = [dataset[i % len(dataset)] for i in range(args.batch)]
     images = [image.to(device) for image, _ in batch]
@@ -121,7 +127,8 @@ def measure_train_step(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()  # warm-up: allocations, cudnn autotuning
+    for _ in range(3 if device.type == "cuda" else 1):  # warm-up: allocations, lazy CUDA init
+        step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -133,6 +140,48 @@ def measure_train_step(args) -> dict:
     if device.type == "cuda":
         result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 1e6
     return result
+
+
+def measure_fed_training(args) -> dict:
+    """Images/s of this project's training steps fed by its own DataLoader (train recipe, the
+    default number of workers), and the share of the time spent waiting for a batch. Compared
+    with the step rate on preloaded batches, it shows whether the data pipeline starves the GPU."""
+    import torch
+
+    import windows_utils as wu
+
+    torch.manual_seed(0)
+    device = torch.device(args.device)
+    model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False).to(device).train()
+    if args.variant == "ours_channels_last":
+        model.to(memory_format=torch.channels_last)
+    dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=True, image_size=args.size)
+    loader = wu.make_loader(dataset, batch_size=args.batch, train=True, device=device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    dtype = wu.autocast_dtype(device)
+    warmup, images, waited, started = 3, 0, 0.0, 0.0
+    batches = iter(loader)
+    for step in range(warmup + args.steps):
+        if step == warmup:
+            images, waited, started = 0, 0.0, time.perf_counter()
+        before = time.perf_counter()
+        try:
+            batch = next(batches)
+        except StopIteration:  # next epoch; the persistent workers keep going
+            batches = iter(loader)
+            batch = next(batches)
+        waited += time.perf_counter() - before
+        inputs, targets = wu._to_device(*batch, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = sum(model(inputs, targets).values())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss.item()  # what train_one_epoch does every step (it logs the loss)
+        images += len(inputs)
+    elapsed = time.perf_counter() - started
+    return {"images_per_s": images / elapsed, "waiting_share": waited / elapsed,
+            "workers": loader.num_workers}
 
 
 def measure_inference(args) -> dict:
@@ -177,7 +226,8 @@ def measure_inference(args) -> dict:
     return {"ms": 1000 * statistics.median(times), "detections": found, "peak_rss_mb": peak_rss_mb()}
 
 
-MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step, "infer": measure_inference}
+MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step, "fed": measure_fed_training,
+                "infer": measure_inference}
 
 
 # ---- the driver ----
@@ -188,8 +238,11 @@ def in_subprocess(name: str, args, **overrides) -> dict:
     command = [sys.executable, __file__, "--measure", name]
     for key in ("data", "size", "batch", "steps", "rounds", "pipeline_samples", "device", "variant"):
         command += [f"--{key.replace('_', '-')}", str(options[key])]
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return json.loads(output.strip().splitlines()[-1])
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {name} ({options['variant']} on {options['device']}) failed:\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _number(value: float) -> str:
@@ -204,6 +257,12 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="LabelMe folder (default: the student-ID dataset)")
     parser.add_argument("--with-tests", action="store_true", help="also time the test suite")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--parts", default=None,
+                        help="comma-separated parts to measure, of pipeline,train,infer,tests "
+                             "(default: all; tests only in full mode or with --with-tests)")
+    parser.add_argument("--train-devices", default=None,
+                        help="devices for the training-step part, e.g. cpu,cuda (default: cpu, plus "
+                             "cuda when available)")
     # internal: one measurement in this process
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)
     for key, default in (("size", 512), ("batch", 4), ("steps", 3), ("rounds", 3),
@@ -227,37 +286,61 @@ def main() -> int:
         "torch": torch.__version__, "mode": "quick" if args.quick else "full", "data": args.data,
     }
     rows = []
+    parts = set(args.parts.split(",") if args.parts else ["pipeline", "train", "infer"])
+    if args.with_tests or not (args.quick or args.parts):
+        parts.add("tests")
+    if cuda := torch.cuda.is_available():
+        results["gpu"] = torch.cuda.get_device_name()
 
-    print("data pipeline (one CPU thread)...", flush=True)
-    pipeline = in_subprocess("pipeline", args)
-    results["pipeline_samples_per_s"] = pipeline
-    rows.append(("data pipeline, train recipe, 1 thread, samples/s", pipeline["reference"],
-                 pipeline["ours"], pipeline["ours"] / pipeline["reference"], ""))
+    if "pipeline" in parts:
+        print("data pipeline (one CPU thread)...", flush=True)
+        pipeline = in_subprocess("pipeline", args)
+        results["pipeline_samples_per_s"] = pipeline
+        rows.append(("data pipeline, train recipe, 1 thread, samples/s", pipeline["reference"],
+                     pipeline["ours"], pipeline["ours"] / pipeline["reference"], ""))
 
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
+    devices = args.train_devices.split(",") if args.train_devices else ["cpu"] + ["cuda"] * cuda
+    for device in devices if "train" in parts else []:
         print(f"training steps on {device} (batch {train_batch}, {train_size} px)...", flush=True)
+        gpu = device == "cuda"
+        variants = ("reference", "ours", "ours_channels_last") if gpu else ("reference", "ours")
+        steps = max(args.steps, 20) if gpu else args.steps  # GPU steps are short: time more of them
         step = {variant: in_subprocess("train", args, device=device, variant=variant, size=train_size,
-                                       batch=train_batch) for variant in ("reference", "ours")}
+                                       batch=train_batch, steps=steps) for variant in variants}
         results[f"train_step_{device}"] = {"batch": train_batch, "size": train_size, **step}
-        memory = "peak_gpu_mb" if device == "cuda" else "peak_rss_mb"
+        memory = "peak_gpu_mb" if gpu else "peak_rss_mb"
         rows.append((f"training step on {device}, batch {train_batch} at {train_size} px, images/s",
                      step["reference"]["images_per_s"], step["ours"]["images_per_s"],
                      step["ours"]["images_per_s"] / step["reference"]["images_per_s"],
                      f"peak {memory[5:8].upper()} {step['reference'][memory]:.0f} vs "
                      f"{step['ours'][memory]:.0f} MB"))
+        if gpu:
+            rows.append((f"training step on {device}: ours vs ours in channels-last, images/s",
+                         step["ours"]["images_per_s"], step["ours_channels_last"]["images_per_s"],
+                         step["ours_channels_last"]["images_per_s"] / step["ours"]["images_per_s"],
+                         "decides whether the tutorial uses channels-last"))
+            faster = max(("ours", "ours_channels_last"), key=lambda v: step[v]["images_per_s"])
+            fed = in_subprocess("fed", args, device=device, size=train_size, batch=train_batch,
+                                steps=2 * steps, variant=faster)
+            results[f"train_fed_{device}"] = fed
+            results[f"train_fed_{device}"]["variant"] = faster
+            rows.append((f"training on {device} fed by the DataLoader ({fed['workers']} workers) vs "
+                         f"preloaded batches ({faster}), images/s", step[faster]["images_per_s"],
+                         fed["images_per_s"], fed["images_per_s"] / step[faster]["images_per_s"],
+                         f"{fed['waiting_share']:.0%} of the time waiting for data"))
 
-    print("inference latency, 640x480 photo, CPU...", flush=True)
-    infer = {variant: in_subprocess("infer", args, variant=variant, size=512, steps=args.steps + 1)
-             for variant in ("reference", "ours", "onnx")}
-    results["inference_cpu_640x480"] = infer
-    rows.append(("inference on CPU, 640x480, ms (eager)", infer["reference"]["ms"], infer["ours"]["ms"],
-                 infer["reference"]["ms"] / infer["ours"]["ms"],
-                 f"random weights: {infer['ours']['detections']} detections"))
-    rows.append(("inference on CPU, 640x480, ms (ours: eager vs ONNX Runtime)", infer["ours"]["ms"],
-                 infer["onnx"]["ms"], infer["ours"]["ms"] / infer["onnx"]["ms"], ""))
+    if "infer" in parts:
+        print("inference latency, 640x480 photo, CPU...", flush=True)
+        infer = {variant: in_subprocess("infer", args, variant=variant, size=512, steps=args.steps + 1)
+                 for variant in ("reference", "ours", "onnx")}
+        results["inference_cpu_640x480"] = infer
+        rows.append(("inference on CPU, 640x480, ms (eager)", infer["reference"]["ms"],
+                     infer["ours"]["ms"], infer["reference"]["ms"] / infer["ours"]["ms"],
+                     f"random weights: {infer['ours']['detections']} detections"))
+        rows.append(("inference on CPU, 640x480, ms (ours: eager vs ONNX Runtime)", infer["ours"]["ms"],
+                     infer["onnx"]["ms"], infer["ours"]["ms"] / infer["onnx"]["ms"], ""))
 
-    if args.with_tests or not args.quick:
+    if "tests" in parts:
         print("test suite...", flush=True)
         start = time.perf_counter()
         subprocess.run([sys.executable, "-m", "pytest", "-q"], cwd=ROOT, check=True, capture_output=True)
@@ -268,13 +351,14 @@ def main() -> int:
     results["benchmark_seconds"] = time.perf_counter() - started
     Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
 
-    print(f"\n{results['machine']}, torch {results['torch']}, {results['mode']} mode\n")
+    gpu_name = f", {results['gpu']}" if "gpu" in results else ""
+    print(f"\n{results['machine']}{gpu_name}, torch {results['torch']}, {results['mode']} mode\n")
     print("| measure | reference | this project | ratio | note |\n|---|---:|---:|---:|---|")
     for measure, reference, ours, ratio, note in rows:
         cells = [_number(value) for value in (reference, ours)]
         ratio_text = "-" if ratio != ratio else f"{ratio:.2f}x"
         print(f"| {measure} | {cells[0]} | {cells[1]} | {ratio_text} | {note} |")
-    print(f"\nwritten to {Path(args.output).relative_to(ROOT)} in {results['benchmark_seconds']:.0f} s")
+    print(f"\nwritten to {args.output} in {results['benchmark_seconds']:.0f} s")
     return 0
 
 

@@ -103,14 +103,91 @@ def test_compare_detections_pairs_detections_whatever_their_order():
     truth = two_instances()
     eager = {**truth, "masks": truth["masks"][:, None].float()}
     same = wu.compare_detections(eager, onnx_style(truth, order=[1, 0]))
-    assert same == {"torch_detections": 2, "onnx_detections": 2, "min_box_iou": 1.0,
-                    "min_mask_iou": 1.0, "max_score_diff": 0.0}
+    assert same == {"torch_detections": 2, "onnx_detections": 2, "verdict": "match",
+                    "unstable_in_torch": None, "min_box_iou": 1.0, "min_mask_iou": 1.0,
+                    "max_score_diff": 0.0}
 
-    moved = {**truth, "boxes": truth["boxes"] + torch.tensor([3.0, 0, 3, 0]),
-             "masks": torch.roll(truth["masks"], 3, dims=-1), "scores": truth["scores"] + 0.01}
-    report = wu.compare_detections(eager, onnx_style(moved))
+
+def moved_copy(truth, shift=3):
+    return {**truth, "boxes": truth["boxes"] + torch.tensor([shift, 0.0, shift, 0]),
+            "masks": torch.roll(truth["masks"], shift, dims=-1), "scores": truth["scores"] + 0.01}
+
+
+def test_compare_detections_flags_moved_boxes_and_missing_detections():
+    truth = two_instances()
+    eager = {**truth, "masks": truth["masks"][:, None].float()}
+    report = wu.compare_detections(eager, onnx_style(moved_copy(truth)))
+    assert report["verdict"] == "MISMATCH"
     assert report["min_box_iou"] < 0.99 and report["min_mask_iou"] < 0.98
     assert report["max_score_diff"] == pytest.approx(0.01, abs=1e-6)
 
     fewer = wu.compare_detections(eager, onnx_style(truth, order=[0]), score_threshold=0.5)
-    assert (fewer["torch_detections"], fewer["onnx_detections"]) == (2, 1)
+    assert (fewer["torch_detections"], fewer["onnx_detections"], fewer["verdict"]) == (2, 1, "MISMATCH")
+
+
+def test_a_difference_is_undecidable_only_where_pytorch_itself_is_unstable():
+    truth = two_instances()
+    eager = {**truth, "masks": truth["masks"][:, None].float()}
+    moved = onnx_style(moved_copy(truth))
+    some_unstable = wu.compare_detections(eager, moved, stable=torch.tensor([True, False]))
+    assert (some_unstable["verdict"], some_unstable["unstable_in_torch"]) == ("undecidable", 1)
+    all_stable = wu.compare_detections(eager, moved, stable=torch.tensor([True, True]))
+    assert (all_stable["verdict"], all_stable["unstable_in_torch"]) == ("MISMATCH", 0)
+    with pytest.raises(ValueError, match="same score_threshold"):
+        wu.compare_detections(eager, moved, stable=torch.tensor([True]))
+
+
+def test_ties_at_a_threshold_are_not_differences():
+    truth = two_instances()
+    soft = truth["masks"][:, None].float()
+    # a score 0.0004 above the 0.61 threshold in PyTorch and 0.0004 below it in ONNX Runtime
+    eager = {**truth, "masks": soft, "scores": torch.tensor([0.93, 0.6104])}
+    onnx = {**truth, "scores": torch.tensor([0.93, 0.6096])}
+    tie = wu.compare_detections(eager, onnx_style(onnx), score_threshold=0.61)
+    assert (tie["torch_detections"], tie["onnx_detections"], tie["verdict"]) == (2, 1, "match")
+    # mask pixels whose probability sits within 0.001 of 0.5 may fall either way
+    undecided = soft.clone()
+    undecided[0, 0, 10:30, 10:25] = 0.5004
+    outputs = list(onnx_style(truth))
+    outputs[3] = undecided.numpy().copy()
+    outputs[3][0, 0, 10:30, 10:25] = 0.4996
+    report = wu.compare_detections({**truth, "masks": undecided}, outputs)
+    assert report["verdict"] == "match" and report["min_mask_iou"] == 1.0
+    # ... but a clear difference in the same place is caught
+    outputs[3][0, 0, 10:30, 10:25] = 0.2
+    assert wu.compare_detections({**truth, "masks": undecided}, outputs)["verdict"] == "MISMATCH"
+
+
+class NoiseSensitivePredictor(FixedPredictor):
+    """Moves its second detection by a pixel amount that depends on the input's smallest digits,
+    like a barely trained model whose proposals rounding can reorder."""
+
+    def forward(self, images):
+        (out,) = super().forward(images[:1])
+        wobble = float(images[0].double().sum() * 1e6 % 7)
+        out["boxes"] = out["boxes"].clone()
+        out["boxes"][1] += torch.tensor([wobble, 0, wobble, 0])
+        return [out for _ in images]
+
+
+def test_stable_detections_finds_what_pytorch_cannot_reproduce():
+    truth = two_instances()
+    image = torch.rand(3, 60, 80)
+    steady = FixedPredictor(truth, extra_low_score=False)
+    (result,) = steady([image])
+    assert wu.stable_detections(steady, image, result).tolist() == [True, True]
+    jumpy = NoiseSensitivePredictor(truth, extra_low_score=False)
+    (result,) = jumpy([image])
+    assert wu.stable_detections(jumpy, image, result).tolist() == [True, False]
+
+
+def test_parity_report_measures_stability_only_when_the_runtimes_differ(monkeypatch):
+    truth = two_instances()
+    image = torch.rand(3, 60, 80)
+    model = FixedPredictor(truth, extra_low_score=False)
+    calls = []
+    original = wu.stable_detections
+    monkeypatch.setattr(wu, "stable_detections", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert wu.parity_report(model, image, onnx_style(truth))["verdict"] == "match" and not calls
+    report = wu.parity_report(model, image, onnx_style(moved_copy(truth)))
+    assert (report["verdict"], report["unstable_in_torch"], len(calls)) == ("MISMATCH", 0, 1)
