@@ -2042,13 +2042,16 @@ def stable_detections(model: torch.nn.Module, image: torch.Tensor,
     """Which of `detections` (the model's own result for `image`) PyTorch itself reproduces when
     every pixel is nudged by Gaussian noise of standard deviation `noise`.
 
-    1e-4 is a fortieth of one 8-bit grey level, invisible in any photo, and about as large as
-    the differences two float32 runtimes (PyTorch and ONNX Runtime) accumulate through the
-    network. A well-trained model's detections do not move; a barely trained model's flat scores
-    let such noise reorder its proposals. A detection that PyTorch cannot reproduce under this
-    noise cannot be expected from another runtime either. One bool per detection scoring
+    1e-4 is a fortieth of one 8-bit grey level, invisible in any photo; measured on a barely
+    trained model, it moved PyTorch's detections about as much as switching to ONNX Runtime did.
+    A well-trained model's detections do not move; a barely trained model's flat scores let such
+    noise reorder its proposals. A detection that PyTorch cannot reproduce under this noise cannot
+    be expected from another runtime either. A detection counts as stable when each of `draws`
+    nudged runs reproduces it (see match_detections). One bool per detection scoring
     >= score_threshold, in the order of `detections`.
     """
+    if draws < 1:
+        raise ValueError(f"draws must be at least 1, got {draws}")
     generator = torch.Generator().manual_seed(seed)
     stable = None
     for _ in range(draws):
