@@ -1424,13 +1424,10 @@ def build_transforms(train: bool, size: int) -> v2.Compose:
     - `TightBoxes` last among the geometric steps: it drops instances whose mask is empty and
       makes every box at least one pixel wide, which is what SanitizeBoundingBoxes would check.
     """
-    finish = [
-        v2.ToImage(),
-        v2.Resize(size=None, max_size=size, antialias=True),
-    ]
+    resize = [v2.ToImage(), v2.Resize(size=None, max_size=size, antialias=True)]
     to_float = v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)
     if not train:
-        return v2.Compose([*finish, PadToSquare(random_offset=False), TightBoxes(), to_float])
+        return v2.Compose([*resize, PadToSquare(random_offset=False), TightBoxes(), to_float])
     return v2.Compose([
         RandomIoUCropJitter(),
         FastColorJitter(brightness=(0.875, 1.125), contrast=(0.5, 1.5),
@@ -1438,7 +1435,7 @@ def build_transforms(train: bool, size: int) -> v2.Compose:
         v2.RandomGrayscale(),
         v2.RandomEqualize(),
         v2.RandomPosterize(bits=3, p=0.5),
-        *finish,
+        *resize,
         v2.RandomHorizontalFlip(),
         PadToSquare(random_offset=True),
         TightBoxes(),

@@ -85,6 +85,19 @@ def measure_pipeline(args) -> dict:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def our_model(args, device):
+    """This project's model for args.variant ("ours", or "ours_channels_last", measured to
+    decide whether the tutorial should use that memory format), in training mode on `device`."""
+    import torch
+
+    import windows_utils as wu
+
+    model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False).to(device).train()
+    if args.variant == "ours_channels_last":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 def measure_train_step(args) -> dict:
     """Images/s of training steps for one variant (args.variant)."""
     import torch
@@ -94,18 +107,16 @@ def measure_train_step(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    if args.variant == "reference":
-        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(CLASSES))
-        dtype = None
-    else:
-        model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
-        dtype = wu.autocast_dtype(device)
     # cudnn.benchmark stays off: the mask head's input changes shape with every batch (one row per
     # positive proposal), so cuDNN would re-tune its kernels at almost every step (measured on an
     # H100: 4.0 images/s with it, against 60+ without).
-    model.to(device).train()
-    if args.variant == "ours_channels_last":  # measured to decide whether the tutorial should use it
-        model.to(memory_format=torch.channels_last)
+    if args.variant == "reference":
+        model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(CLASSES))
+        model.to(device).train()
+        dtype = None
+    else:
+        model = our_model(args, device)
+        dtype = wu.autocast_dtype(device)
     dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
     batch = [dataset[i % len(dataset)] for i in range(args.batch)]
     images = [image.to(device) for image, _ in batch]
@@ -143,44 +154,44 @@ def measure_train_step(args) -> dict:
 
 
 def measure_fed_training(args) -> dict:
-    """Images/s of this project's training steps fed by its own DataLoader (train recipe, the
-    default number of workers), and the share of the time spent waiting for a batch. Compared
-    with the step rate on preloaded batches, it shows whether the data pipeline starves the GPU."""
+    """Images/s of notebook 04's own training loop (wu.train_one_epoch) fed by its own DataLoader
+    (train recipe, the default number of workers), and the share of the time spent waiting for a
+    batch. Compared with the step rate on preloaded batches, it shows whether the data pipeline
+    starves the GPU. One epoch warms up (workers, allocations); the second is timed."""
     import torch
 
     import windows_utils as wu
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False).to(device).train()
-    if args.variant == "ours_channels_last":
-        model.to(memory_format=torch.channels_last)
+    model = our_model(args, device)
     dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=True, image_size=args.size)
     loader = wu.make_loader(dataset, batch_size=args.batch, train=True, device=device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    dtype = wu.autocast_dtype(device)
-    warmup, images, waited, started = 3, 0, 0.0, 0.0
-    batches = iter(loader)
-    for step in range(warmup + args.steps):
-        if step == warmup:
-            images, waited, started = 0, 0.0, time.perf_counter()
-        before = time.perf_counter()
-        try:
-            batch = next(batches)
-        except StopIteration:  # next epoch; the persistent workers keep going
+    scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
+    scaler = torch.amp.GradScaler("cuda") if wu.autocast_dtype(device) == torch.float16 else None
+
+    class Timed:  # the loader, adding up how long the loop waits for each batch
+        waited = 0.0
+
+        def __len__(self):
+            return len(loader)
+
+        def __iter__(self):
             batches = iter(loader)
-            batch = next(batches)
-        waited += time.perf_counter() - before
-        inputs, targets = wu._to_device(*batch, device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = sum(model(inputs, targets).values())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss.item()  # what train_one_epoch does every step (it logs the loss)
-        images += len(inputs)
+            while True:
+                before = time.perf_counter()
+                batch = next(batches, None)
+                Timed.waited += time.perf_counter() - before
+                if batch is None:
+                    return
+                yield batch
+
+    wu.train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch=0, progress=False)
+    started = time.perf_counter()
+    wu.train_one_epoch(model, Timed(), optimizer, scheduler, scaler, device, epoch=1, progress=False)
     elapsed = time.perf_counter() - started
-    return {"images_per_s": images / elapsed, "waiting_share": waited / elapsed,
+    return {"images_per_s": len(loader) * args.batch / elapsed, "waiting_share": Timed.waited / elapsed,
             "workers": loader.num_workers}
 
 
@@ -321,9 +332,8 @@ def main() -> int:
                          "decides whether the tutorial uses channels-last"))
             faster = max(("ours", "ours_channels_last"), key=lambda v: step[v]["images_per_s"])
             fed = in_subprocess("fed", args, device=device, size=train_size, batch=train_batch,
-                                steps=2 * steps, variant=faster)
-            results[f"train_fed_{device}"] = fed
-            results[f"train_fed_{device}"]["variant"] = faster
+                                variant=faster)
+            results[f"train_fed_{device}"] = {**fed, "variant": faster}
             rows.append((f"training on {device} fed by the DataLoader ({fed['workers']} workers) vs "
                          f"preloaded batches ({faster}), images/s", step[faster]["images_per_s"],
                          fed["images_per_s"], fed["images_per_s"] / step[faster]["images_per_s"],
