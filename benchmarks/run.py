@@ -15,9 +15,11 @@ reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
 - data pipeline: train-recipe samples per second on one CPU thread;
 - training step: images per second for AdamW steps at the same batch and image size; the
   reference model resizes inputs to 800 px internally and trains in fp32, this project's runs at
-  the pipeline's size (and in bf16/fp16 autocast on a GPU). On a GPU also: this project's step in
-  channels-last memory format, and its training fed by its own DataLoader instead of preloaded
-  batches, with the share of the time spent waiting for data (does the pipeline starve the GPU?);
+  the pipeline's size (and on a GPU in bf16/fp16 autocast and channels-last, as notebook 04
+  trains). On a GPU the speeds are measured side by side in one process, with two more variants:
+  this project's step without channels-last and with a fused AdamW; also its training fed by its
+  own DataLoader instead of preloaded batches, with the share of the time spent waiting for data
+  (does the pipeline starve the GPU?);
 - inference latency for one 640x480 photo on the CPU: eager PyTorch (both) and ONNX Runtime;
 - the wall time of the project's test suite (full mode, or --with-tests).
 """
@@ -86,42 +88,41 @@ def measure_pipeline(args) -> dict:
 
 
 def our_model(args, device):
-    """This project's model for args.variant ("ours", or "ours_channels_last", measured to
-    decide whether the tutorial should use that memory format), in training mode on `device`."""
+    """This project's model and optimizer for args.variant, in training mode on `device`: "ours"
+    as notebook 04 trains (wu.prepare_for_training: channels-last on CUDA), "ours_contiguous"
+    without channels-last, to show what it brings, and "ours_fused_adamw" with torch's fused
+    AdamW (one kernel launch updates every parameter), measured to decide whether fit should
+    use it (on an H200, side by side: 0.90x, so it does not)."""
     import torch
 
     import windows_utils as wu
 
-    model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False).to(device).train()
-    if args.variant == "ours_channels_last":
-        model.to(memory_format=torch.channels_last)
-    return model
+    model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
+    if args.variant == "ours_contiguous":
+        model.to(device)
+    else:
+        wu.prepare_for_training(model, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.variant == "ours_fused_adamw")
+    return model.train(), optimizer
 
 
-def measure_train_step(args) -> dict:
-    """Images/s of training steps for one variant (args.variant)."""
+def training_step(args, variant: str, device, batch):
+    """A function running one AdamW training step of `variant` on the preloaded `batch`."""
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
     import windows_utils as wu
 
     torch.manual_seed(0)
-    device = torch.device(args.device)
-    # cudnn.benchmark stays off: the mask head's input changes shape with every batch (one row per
-    # positive proposal), so cuDNN would re-tune its kernels at almost every step (measured on an
-    # H100: 4.0 images/s with it, against 60+ without).
-    if args.variant == "reference":
+    if variant == "reference":
         model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(CLASSES))
         model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         dtype = None
     else:
-        model = our_model(args, device)
+        model, optimizer = our_model(argparse.Namespace(**{**vars(args), "variant": variant}), device)
         dtype = wu.autocast_dtype(device)
-    dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
-    batch = [dataset[i % len(dataset)] for i in range(args.batch)]
-    images = [image.to(device) for image, _ in batch]
-    targets = [{k: v.to(device) for k, v in target.items()} for _, target in batch]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    images, targets = batch
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
     def step():
@@ -138,6 +139,30 @@ def measure_train_step(args) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
+    return step
+
+
+def preloaded_batch(args, device):
+    """args.batch validation-recipe samples on `device`: the same input for every variant."""
+    import windows_utils as wu
+
+    dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
+    batch = [dataset[i % len(dataset)] for i in range(args.batch)]
+    return ([image.to(device) for image, _ in batch],
+            [{k: v.to(device) for k, v in target.items()} for _, target in batch])
+
+
+def measure_train_step(args) -> dict:
+    """Images/s and peak memory of training steps for one variant (args.variant).
+
+    cudnn.benchmark stays off: the mask head's input changes shape with every batch (one row per
+    positive proposal), so cuDNN would re-tune its kernels at almost every step (measured on an
+    H100: 4.0 images/s with it, against 60+ without).
+    """
+    import torch
+
+    device = torch.device(args.device)
+    step = training_step(args, args.variant, device, preloaded_batch(args, device))
     for _ in range(3 if device.type == "cuda" else 1):  # warm-up: allocations, lazy CUDA init
         step()
     if device.type == "cuda":
@@ -153,6 +178,31 @@ def measure_train_step(args) -> dict:
     return result
 
 
+def measure_train_interleaved(args) -> dict:
+    """Images/s of several variants (args.variant, comma-separated) in one process, in alternating
+    rounds of args.steps steps each. A GPU step is short and its speed drifts from one process to
+    the next (clocks, the CPU that launches the kernels): in separate processes the variant run
+    last came out up to 1.4x faster in two H200 runs, whatever it was. Alternating cancels that."""
+    import torch
+
+    device = torch.device(args.device)
+    batch = preloaded_batch(args, device)
+    variants = args.variant.split(",")
+    steps = {variant: training_step(args, variant, device, batch) for variant in variants}
+    for step in steps.values():
+        for _ in range(3):  # warm-up
+            step()
+    times: dict[str, list[float]] = {variant: [] for variant in variants}
+    for _ in range(args.rounds):
+        for variant, step in steps.items():
+            for _ in range(args.steps):
+                start = time.perf_counter()
+                step()
+                times[variant].append(time.perf_counter() - start)
+    return {variant: {"images_per_s": args.batch / statistics.median(values)}
+            for variant, values in times.items()}
+
+
 def measure_fed_training(args) -> dict:
     """Images/s of notebook 04's own training loop (wu.train_one_epoch) fed by its own DataLoader
     (train recipe, the default number of workers), and the share of the time spent waiting for a
@@ -164,10 +214,9 @@ def measure_fed_training(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model = our_model(args, device)
+    model, optimizer = our_model(args, device)
     dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=True, image_size=args.size)
     loader = wu.make_loader(dataset, batch_size=args.batch, train=True, device=device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
     scaler = torch.amp.GradScaler("cuda") if wu.autocast_dtype(device) == torch.float16 else None
 
@@ -237,7 +286,8 @@ def measure_inference(args) -> dict:
     return {"ms": 1000 * statistics.median(times), "detections": found, "peak_rss_mb": peak_rss_mb()}
 
 
-MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step, "fed": measure_fed_training,
+MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step,
+                "train_interleaved": measure_train_interleaved, "fed": measure_fed_training,
                 "infer": measure_inference}
 
 
@@ -314,10 +364,15 @@ def main() -> int:
     for device in devices if "train" in parts else []:
         print(f"training steps on {device} (batch {train_batch}, {train_size} px)...", flush=True)
         gpu = device == "cuda"
-        variants = ("reference", "ours", "ours_channels_last") if gpu else ("reference", "ours")
-        steps = max(args.steps, 20) if gpu else args.steps  # GPU steps are short: time more of them
+        steps = 5 if gpu else args.steps  # on a GPU only the peak memory is used from these
         step = {variant: in_subprocess("train", args, device=device, variant=variant, size=train_size,
-                                       batch=train_batch, steps=steps) for variant in variants}
+                                       batch=train_batch, steps=steps) for variant in ("reference", "ours")}
+        if gpu:  # the speeds, side by side in one process (peak memory above: one process each)
+            speed = in_subprocess("train_interleaved", args, device=device, size=train_size,
+                                  batch=train_batch, steps=8, rounds=5,
+                                  variant="reference,ours,ours_contiguous,ours_fused_adamw")
+            for variant, figures in speed.items():
+                step.setdefault(variant, {}).update(figures)
         results[f"train_step_{device}"] = {"batch": train_batch, "size": train_size, **step}
         memory = "peak_gpu_mb" if gpu else "peak_rss_mb"
         rows.append((f"training step on {device}, batch {train_batch} at {train_size} px, images/s",
@@ -326,17 +381,20 @@ def main() -> int:
                      f"peak {memory[5:8].upper()} {step['reference'][memory]:.0f} vs "
                      f"{step['ours'][memory]:.0f} MB"))
         if gpu:
-            rows.append((f"training step on {device}: ours vs ours in channels-last, images/s",
-                         step["ours"]["images_per_s"], step["ours_channels_last"]["images_per_s"],
-                         step["ours_channels_last"]["images_per_s"] / step["ours"]["images_per_s"],
-                         "decides whether the tutorial uses channels-last"))
-            faster = max(("ours", "ours_channels_last"), key=lambda v: step[v]["images_per_s"])
+            rows.append((f"training step on {device}: without vs with channels-last, images/s",
+                         step["ours_contiguous"]["images_per_s"], step["ours"]["images_per_s"],
+                         step["ours"]["images_per_s"] / step["ours_contiguous"]["images_per_s"],
+                         "what channels-last brings (notebook 04 uses it on CUDA)"))
+            rows.append((f"training step on {device}: default vs fused AdamW, images/s",
+                         step["ours"]["images_per_s"], step["ours_fused_adamw"]["images_per_s"],
+                         step["ours_fused_adamw"]["images_per_s"] / step["ours"]["images_per_s"],
+                         "decides whether the tutorial uses the fused optimizer"))
             fed = in_subprocess("fed", args, device=device, size=train_size, batch=train_batch,
-                                variant=faster)
-            results[f"train_fed_{device}"] = {**fed, "variant": faster}
+                                variant="ours")
+            results[f"train_fed_{device}"] = {**fed, "variant": "ours"}
             rows.append((f"training on {device} fed by the DataLoader ({fed['workers']} workers) vs "
-                         f"preloaded batches ({faster}), images/s", step[faster]["images_per_s"],
-                         fed["images_per_s"], fed["images_per_s"] / step[faster]["images_per_s"],
+                         "preloaded batches, images/s", step["ours"]["images_per_s"],
+                         fed["images_per_s"], fed["images_per_s"] / step["ours"]["images_per_s"],
                          f"{fed['waiting_share']:.0%} of the time waiting for data"))
 
     if "infer" in parts:

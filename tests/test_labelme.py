@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from labelme_fixtures import HEIGHT, WIDTH, png_base64, shape, square, write_image, write_labelme
 from PIL import Image
 
@@ -580,6 +581,72 @@ def test_rasterize_at_a_smaller_size_scales_the_shapes(tmp_path):
     assert masks.shape == (2, 24, 32) and masks.dtype == bool
     np.testing.assert_array_equal(masks[0], box_mask(5, 5, 15, 10, size=(32, 24)))
     np.testing.assert_array_equal(masks[1], box_mask(20, 4, 21, 5, size=(32, 24)))
+
+
+MIXED_SHAPES = [
+    square("card", 5.3, 4.6, 30.2, 20.7),
+    shape("card", [[8, 30], [20, 40]], "rectangle"),
+    shape("coin", [[45, 20], [52, 20]], "circle"),
+    shape("stain", [[40, 36], [43, 39]], "mask", mask=png_base64(np.eye(4, dtype=bool))),
+]
+
+
+@pytest.mark.parametrize("region", [(0, 0, WIDTH, HEIGHT), (7, 3, 50, 41), (30, 10, 64, 48)])
+def test_rasterize_a_region_at_its_own_size_is_a_crop_of_the_full_masks(tmp_path, region):
+    """Drawing the masks of a crop directly gives exactly the crop of the full masks."""
+    sample = load_labelme_file(write_labelme(tmp_path, MIXED_SHAPES))
+    left, top, right, bottom = region
+    cropped = sample.rasterize(right - left, bottom - top, region=region)
+    np.testing.assert_array_equal(cropped, sample.rasterize()[:, top:bottom, left:right])
+
+
+def test_rasterize_a_region_scaled_agrees_with_resizing_the_crop(tmp_path):
+    sample = load_labelme_file(write_labelme(tmp_path, [square("card", 6, 5, 41, 30)]))
+    masks = sample.rasterize(68, 50, region=(4, 3, 38, 28))  # 2x the 34 x 25 crop
+    expected = np.kron(sample.rasterize()[:, 3:28, 4:38], np.ones((2, 2), dtype=bool))
+    assert (masks != expected).mean() < 0.01  # the same shape, up to the outline's pixels
+    with pytest.raises(ValueError, match="region"):
+        sample.rasterize(10, 10, region=(5, 5, 5, 9))
+
+
+def test_instance_boxes_cover_each_instance(tmp_path):
+    sample = load_labelme_file(write_labelme(tmp_path, MIXED_SHAPES))
+    boxes = sample.instance_boxes()
+    assert boxes.shape == (len(sample.instances), 4)
+    for box, mask in zip(boxes, sample.rasterize()):
+        rows, columns = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        assert box[0] <= columns[0] + 1 and columns[-1] <= box[2] and box[1] <= rows[0] + 1
+        assert rows[-1] <= box[3] and (box[2:] - box[:2] <= np.array([columns[-1] - columns[0],
+                                                                      rows[-1] - rows[0]]) + 2).all()
+
+
+def test_load_pixels_gives_load_images_pixels_upright(tmp_path):
+    """OpenCV decodes intact JPEGs, Pillow the rest; the pixels are the same either way."""
+    sample = load_labelme_file(exif_rotated_jpeg(tmp_path))
+    pixels = sample.load_pixels()
+    assert pixels.shape == (3, 32, 16) and pixels.dtype == torch.uint8
+    expected = np.asarray(sample.load_image()).transpose(2, 0, 1)
+    assert np.abs(pixels.numpy().astype(int) - expected).max() <= 1
+    (tmp_path / "png").mkdir()
+    png = load_labelme_file(write_labelme(tmp_path / "png", [square("card", 1, 1, 9, 9)]))
+    assert np.array_equal(png.load_pixels().numpy(), np.asarray(png.load_image()).transpose(2, 0, 1))
+
+
+def test_load_pixels_of_a_large_jpeg_is_decoded_scaled_down_but_not_below_max_side(tmp_path):
+    write_image(tmp_path / "img.jpg", (400, 300))
+    sample = load_labelme_file(write_labelme(tmp_path, [], image=False, size=(400, 300), imagePath="img.jpg"))
+    assert tuple(sample.load_pixels(100).shape) == (3, 75, 100)  # libjpeg's 1/4 scale
+    assert tuple(sample.load_pixels(120).shape) == (3, 150, 200)  # 1/4 would be too small
+    assert tuple(sample.load_pixels(300).shape) == (3, 300, 400)
+
+
+def test_load_pixels_reports_a_truncated_jpeg(tmp_path):
+    write_image(tmp_path / "img.jpg", (64, 48))
+    sample = load_labelme_file(write_labelme(tmp_path, [], image=False, imagePath="img.jpg"))
+    data = (tmp_path / "img.jpg").read_bytes()
+    (tmp_path / "img.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(LabelMeError, match="img.jpg"):
+        sample.load_pixels()
 
 
 def test_samples_and_errors_survive_pickling(tmp_path):
