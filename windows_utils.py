@@ -62,7 +62,8 @@ except ImportError as error:  # torchvision < 0.16: say what to do instead of a 
 
 # OpenCV's pixel kernels (augmentation) run on the calling thread only. The parallelism of a data
 # pipeline comes from DataLoader workers, one per core; threads of OpenCV's own inside each of them
-# would compete with the other workers for the same cores.
+# would compete with the other workers for the same cores. The setting holds for the whole
+# process: OpenCV code of your own in the same notebook kernel runs on one thread too.
 cv2.setNumThreads(0)
 
 # ---- LabelMe data layer ----
@@ -176,7 +177,9 @@ class LabelMeSample:
         if 2 * max(size) > max(self.width, self.height):  # libjpeg's draft could not shrink it
             data = self.image_bytes if self.image_path is None else self._read_image_bytes()
             rgb = _decode_complete_jpeg(data)
-            if rgb is not None:
+            # the upright size, as Pillow measured it: else an OpenCV that ignored the EXIF
+            # orientation would silently put the masks beside the objects
+            if rgb is not None and rgb.shape[:2] == (self.height, self.width):
                 return torch.from_numpy(rgb).permute(2, 0, 1)
         return TF.pil_to_tensor(self._decode_with_pillow(size))
 
@@ -191,13 +194,24 @@ class LabelMeSample:
             ) from exc
 
     def _decode_with_pillow(self, size: tuple[int, int]) -> Image.Image:
-        """Upright 8-bit RGB, at least ``size`` where JPEG draft decoding can shrink it."""
+        """Upright 8-bit RGB, at least ``size`` where JPEG draft decoding can shrink it.
+
+        libjpeg shrinks by 2, 4 or 8 and rounds a side up, so a side that is not a multiple of
+        the factor ends in a partial pixel, and after an EXIF rotation that pixel can be the first
+        one: pixels would no longer sit where the scaled points say. Only factors that divide both
+        sides are used (phone photos, 4032 x 3024 or 4000 x 3000, allow 8).
+        """
         source = self.image_path if self.image_path is not None else io.BytesIO(self.image_bytes)
         try:
             with Image.open(source) as image:
                 if size != (self.width, self.height) and image.format == "JPEG":
                     swapped = _upright_size(image) != image.size
-                    image.draft("RGB", size[::-1] if swapped else size)
+                    wanted = size[::-1] if swapped else size
+                    fits = min(image.width // wanted[0], image.height // wanted[1])
+                    factor = max(f for f in (8, 4, 2, 1) if f <= max(fits, 1)
+                                 and image.width % f == 0 and image.height % f == 0)
+                    if factor > 1:
+                        image.draft("RGB", (image.width // factor, image.height // factor))
                 upright = ImageOps.exif_transpose(image)
         except Exception as exc:  # Pillow reports damaged files with many exception types
             raise LabelMeError(
@@ -686,7 +700,7 @@ def _decode_complete_jpeg(data: bytes) -> np.ndarray | None:
     if data[:2] != b"\xff\xd8" or data.rstrip(b"\0")[-2:] != b"\xff\xd9":
         return None
     buffer = np.frombuffer(data, dtype=np.uint8)
-    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # OpenCV 4.10 and newer
+    if hasattr(cv2, "IMREAD_COLOR_RGB"):  # recent OpenCV decodes straight to RGB
         return cv2.imdecode(buffer, cv2.IMREAD_COLOR_RGB)
     bgr = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
     return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
@@ -719,22 +733,30 @@ def _rasterize_shapes(
     pixel i for any coordinate in [i, i + 1), so pixel i spans [i, i + 1) and scaling about 0
     moves the mask exactly as torch's resize moves the image's pixels. LabelMe fills the outline
     too (``outline=1``), so thin or collinear polygons still cover pixels.
+
+    Pillow turns coordinates into pixels by truncating towards zero, which is the floor only for
+    positive ones; a shape shifted partly left of or above the canvas would be drawn one pixel
+    off there. So the corners are floored here, and drawn on a canvas with a margin that keeps
+    them positive: a mask of a region is then exactly that region of the full mask.
     """
-    canvas = Image.new("1", (width, height), 0)
+    margin = 2
+    canvas = Image.new("1", (width + 2 * margin, height + 2 * margin), 0)
     draw = ImageDraw.Draw(canvas)
     scale_xy, shift_xy = np.asarray(scale), np.asarray(shift)
+
+    def corners(points: np.ndarray) -> list[float]:
+        return (np.floor(points) + margin).ravel().tolist()
+
     for shape in shapes:
         points = shape.points * scale_xy + shift_xy
         if shape.kind == "polygon":
-            draw.polygon([tuple(p) for p in points], fill=1, outline=1)
+            draw.polygon(corners(points), fill=1, outline=1)
         elif shape.kind == "rectangle":
-            draw.rectangle(points.ravel().tolist(), fill=1, outline=1)
+            draw.rectangle(corners(points), fill=1, outline=1)
         elif shape.kind == "circle":
             radius = math.dist(shape.points[0], shape.points[1]) * scale_xy
-            draw.ellipse(
-                np.concatenate([points[0] - radius, points[0] + radius]).tolist(), fill=1, outline=1
-            )
-    mask = np.array(canvas)
+            draw.ellipse(corners(np.stack([points[0] - radius, points[0] + radius])), fill=1, outline=1)
+    mask = np.array(canvas)[margin:-margin, margin:-margin].copy()
     for shape in shapes:
         if shape.kind == "mask":
             _paste_patch(mask, shape, scale_xy, shift_xy)
@@ -1721,9 +1743,10 @@ def prepare_for_training(model: torch.nn.Module, device: torch.device) -> torch.
     """Move the model to `device`; on a CUDA GPU also to channels-last memory format.
 
     Channels-last (each pixel's channels side by side) lets cuDNN use its fastest convolution
-    kernels for mixed precision. Measured with benchmarks/run.py: 1.07x and 1.17x more training
-    images per second on H100s, 1.08x to 1.30x on an H200. It is not measured on CPUs and Apple
-    GPUs, so there the model stays as it is.
+    kernels for mixed precision. Measured with benchmarks/run.py on an H200, side by side in one
+    process: 1.08x more training images per second (both sides with a fused AdamW). Earlier runs
+    in separate processes, which favour whichever variant runs last, gave 1.07x to 1.30x on H100s
+    and the H200. Not measured on CPUs and Apple GPUs, so there the model stays as it is.
     """
     if device.type == "cuda":
         return model.to(device, memory_format=torch.channels_last)

@@ -600,6 +600,21 @@ def test_rasterize_a_region_at_its_own_size_is_a_crop_of_the_full_masks(tmp_path
     np.testing.assert_array_equal(cropped, sample.rasterize()[:, top:bottom, left:right])
 
 
+def test_rasterize_a_region_is_a_crop_of_the_full_masks_for_any_polygon(tmp_path):
+    """Tilted edges that cross the region's left or top side included (Pillow truncates
+    negative coordinates towards zero, which would shift them)."""
+    rng = np.random.default_rng(0)
+    polygons = [shape("card", (rng.uniform(0, 1, (5, 2)) * [WIDTH, HEIGHT]).round(1).tolist())
+                for _ in range(6)]
+    sample = load_labelme_file(write_labelme(tmp_path, polygons))
+    full = sample.rasterize()
+    for _ in range(40):
+        left, top = int(rng.integers(0, WIDTH - 8)), int(rng.integers(0, HEIGHT - 8))
+        right, bottom = int(rng.integers(left + 4, WIDTH + 1)), int(rng.integers(top + 4, HEIGHT + 1))
+        region = sample.rasterize(right - left, bottom - top, region=(left, top, right, bottom))
+        np.testing.assert_array_equal(region, full[:, top:bottom, left:right])
+
+
 def test_rasterize_a_region_scaled_agrees_with_resizing_the_crop(tmp_path):
     sample = load_labelme_file(write_labelme(tmp_path, [square("card", 6, 5, 41, 30)]))
     masks = sample.rasterize(68, 50, region=(4, 3, 38, 28))  # 2x the 34 x 25 crop
@@ -630,6 +645,16 @@ def test_load_pixels_gives_load_images_pixels_upright(tmp_path):
     (tmp_path / "png").mkdir()
     png = load_labelme_file(write_labelme(tmp_path / "png", [square("card", 1, 1, 9, 9)]))
     assert np.array_equal(png.load_pixels().numpy(), np.asarray(png.load_image()).transpose(2, 0, 1))
+
+
+def test_load_pixels_falls_back_to_pillow_if_the_decoder_ignored_the_orientation(tmp_path, monkeypatch):
+    import windows_utils
+
+    sample = load_labelme_file(exif_rotated_jpeg(tmp_path))
+    stored_sideways = np.zeros((16, 32, 3), dtype=np.uint8)  # what an EXIF-blind decoder returns
+    monkeypatch.setattr(windows_utils, "_decode_complete_jpeg", lambda data: stored_sideways)
+    pixels = sample.load_pixels()
+    assert pixels.shape == (3, 32, 16) and pixels.numpy().max() > 200  # Pillow's upright pixels
 
 
 def test_load_pixels_of_a_large_jpeg_is_decoded_scaled_down_but_not_below_max_side(tmp_path):

@@ -216,6 +216,34 @@ def test_train_recipe_keeps_image_and_masks_aligned(tmp_path):
     assert flips > 0, "some draws were mirrored"
 
 
+@pytest.mark.parametrize("upright_size", [(1200, 1600), (1203, 1601)])
+def test_recipe_keeps_a_large_rotated_jpeg_aligned(tmp_path, upright_size):
+    """A phone-style JPEG stored sideways (EXIF orientation 6) and decoded scaled down: at 1/8
+    when both sides allow it, in full when a side is odd."""
+    width, height = upright_size
+    points = [[150, 200], [1000, 330], [950, 1300], [120, 1150]]
+    upright = Image.new("RGB", upright_size)
+    ImageDraw.Draw(upright).polygon([tuple(p) for p in points], fill=(255, 255, 255))
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
+    write_image(tmp_path / "photo.jpg", pixels=np.asarray(stored), exif_orientation=6)
+    sample = wu.load_labelme_file(write_labelme(tmp_path, [shape("card", points)], image=False,
+                                                size=upright_size, imagePath="photo.jpg"))
+    # the decoded pixels are an exact fraction of the photo, which decode_crop's mapping relies on
+    pixels = sample.load_pixels(wu.decode_side(96))
+    factor = width / pixels.shape[2]
+    assert factor == int(factor) and pixels.shape[1] * factor == height
+    assert factor == (8 if width % 8 == 0 and height % 8 == 0 else 1)
+    no_colour = dict(brightness=(1, 1), contrast=(1, 1), saturation=(1, 1), hue=(0, 0),
+                     grayscale_p=0, equalize_p=0, posterize_p=0)
+    recipe = wu.Recipe(96, train=True, **no_colour)
+    torch.manual_seed(1)
+    for _ in range(20):
+        image, target = recipe(sample, [1])
+        if len(target["masks"]):
+            white, mask = image.mean(0) > 0.5, target["masks"][0]
+            assert (white & mask).sum() / (white | mask).sum() > 0.95
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_recipes_keep_their_promises(sample_dataset, train):
     """The properties notebook 03 checks at scale, on a few draws at a small size."""
@@ -316,3 +344,9 @@ def test_helpers_accept_no_masks_at_all():
     for masks in (torch.zeros(0, 5, 7, dtype=torch.bool), torch.zeros(0, 0, 0, dtype=torch.bool)):
         assert wu.boxes_from_masks(masks).shape == (0, 4)
         assert wu.nonempty_masks(masks).shape == (0,)
+
+
+def test_prepare_for_training_leaves_a_cpu_model_as_it_is():
+    model = torch.nn.Conv2d(3, 4, 3)
+    assert wu.prepare_for_training(model, torch.device("cpu")) is model
+    assert model.weight.is_contiguous() and model.weight.device.type == "cpu"
