@@ -1483,7 +1483,7 @@ class Recipe:
                 inside = ((centres > crop[:2]) & (centres < crop[2:])).all(axis=1)
                 if not inside.any():
                     continue
-                if _box_iou(boxes[inside], crop).max() < min_iou:
+                if box_iou(torch.from_numpy(boxes[inside]), torch.from_numpy(crop[None])).max() < min_iou:
                     continue
                 return left, top, crop_w, crop_h
         return whole
@@ -1494,23 +1494,30 @@ class Recipe:
                  ) -> tuple[tv_tensors.Image, dict[str, torch.Tensor]]:
         """The augmented (image, target) of `sample`; `labels` = class index of each instance."""
         plan = self.plan(sample)
-        pixels, region = self.decode_crop(sample, plan)
-        # colour where there are fewer pixels: most crops are enlarged, so usually before resizing
-        if pixels.shape[1] * pixels.shape[2] < plan.resized[0] * plan.resized[1]:
-            pixels = self.resize(self.recolour(pixels, plan), plan)
-        else:
-            pixels = self.recolour(self.resize(pixels, plan), plan)
-        image = self.place_image(pixels, plan)
+        crop, region = self.decode_crop(sample, plan)
+        image = self.place_image(self.resize_and_recolour(crop, plan), plan)
+        return tv_tensors.Image(image), self.target(sample, plan, region, labels)
+
+    def resize_and_recolour(self, crop: torch.Tensor, plan: AugmentPlan) -> torch.Tensor:
+        """``resize`` and ``recolour`` in the cheaper order: the colour steps run where there are
+        fewer pixels, which is before the resize for most crops (they are enlarged)."""
+        if crop.shape[1] * crop.shape[2] < plan.resized[0] * plan.resized[1]:
+            return self.resize(self.recolour(crop, plan), plan)
+        return self.recolour(self.resize(crop, plan), plan)
+
+    def target(self, sample: LabelMeSample, plan: AugmentPlan, region: Sequence[float],
+               labels: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Masks drawn from the shapes for `region` at their final place, boxes computed from
+        them, and the labels; instances whose mask is empty (cropped away) are dropped."""
         masks = self.place_masks(sample.rasterize(*plan.resized, region=region), plan)
         keep = nonempty_masks(masks)
         masks = masks[keep]
-        target = {
+        return {
             "masks": tv_tensors.Mask(masks),
             "boxes": tv_tensors.BoundingBoxes(boxes_from_masks(masks), format="XYXY",
                                               canvas_size=(self.size, self.size)),
             "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1)[keep],
         }
-        return tv_tensors.Image(image), target
 
     def decode_crop(self, sample: LabelMeSample, plan: AugmentPlan
                     ) -> tuple[torch.Tensor, tuple[float, float, float, float]]:
@@ -1598,15 +1605,6 @@ class Recipe:
             masks[..., ::-1].copy() if plan.flip else masks
         )
         return canvas
-
-
-def _box_iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """IoU of each XYXY box with one box (torchvision.ops.box_iou for one box, in NumPy: the crop
-    sampler calls it for every try, where torch's per-call overhead outweighs the arithmetic)."""
-    low, high = np.maximum(boxes[:, :2], box[:2]), np.minimum(boxes[:, 2:], box[2:])
-    intersection = np.clip(high - low, 0, None).prod(axis=1)
-    areas = (boxes[:, 2:] - boxes[:, :2]).prod(axis=1)
-    return intersection / (areas + (box[2:] - box[:2]).prod() - intersection)
 
 
 def colour_matrix(jitter: Sequence[tuple[str, float]], mean_rgb: np.ndarray) -> np.ndarray:

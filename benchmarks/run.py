@@ -87,8 +87,8 @@ def measure_pipeline(args) -> dict:
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
-def our_model(args, device):
-    """This project's model and optimizer for args.variant, in training mode on `device`: "ours"
+def our_model(variant: str, size: int, device):
+    """This project's model and optimizer for `variant`, in training mode on `device`: "ours"
     as notebook 04 trains (wu.prepare_for_training: channels-last on CUDA), "ours_contiguous"
     without channels-last, to show what it brings, and "ours_fused_adamw" with torch's fused
     AdamW (one kernel launch updates every parameter), measured to decide whether fit should
@@ -97,12 +97,12 @@ def our_model(args, device):
 
     import windows_utils as wu
 
-    model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
-    if args.variant == "ours_contiguous":
+    model = wu.build_model(len(CLASSES), image_size=size, pretrained=False)
+    if variant == "ours_contiguous":
         model.to(device)
     else:
         wu.prepare_for_training(model, device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.variant == "ours_fused_adamw")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=variant == "ours_fused_adamw")
     return model.train(), optimizer
 
 
@@ -120,7 +120,7 @@ def training_step(args, variant: str, device, batch):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
         dtype = None
     else:
-        model, optimizer = our_model(argparse.Namespace(**{**vars(args), "variant": variant}), device)
+        model, optimizer = our_model(variant, args.size, device)
         dtype = wu.autocast_dtype(device)
     images, targets = batch
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
@@ -214,7 +214,7 @@ def measure_fed_training(args) -> dict:
 
     torch.manual_seed(0)
     device = torch.device(args.device)
-    model, optimizer = our_model(args, device)
+    model, optimizer = our_model(args.variant, args.size, device)
     dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=True, image_size=args.size)
     loader = wu.make_loader(dataset, batch_size=args.batch, train=True, device=device)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)

@@ -186,6 +186,26 @@ def test_place_flips_image_and_masks_alike():
     assert placed[0, 5:7, 6].all() and placed.sum() == 2, "left column moved to the right end"
 
 
+NO_COLOUR = dict(brightness=(1, 1), contrast=(1, 1), saturation=(1, 1), hue=(0, 0),
+                 grayscale_p=0, equalize_p=0, posterize_p=0)
+
+
+def drawn_aligned(sample, *, draws: int, min_iou: float) -> list[torch.Tensor]:
+    """Train-recipe draws (96 px, no colour changes) of a sample whose one instance is the white
+    part of its photo; asserts the white pixels and the mask agree; returns the images."""
+    recipe = wu.Recipe(96, train=True, **NO_COLOUR)
+    images = []
+    for _ in range(draws):
+        image, target = recipe(sample, [1])
+        if len(target["masks"]) == 0:
+            continue
+        white, mask = image.mean(0) > 0.5, target["masks"][0]
+        iou = (white & mask).sum() / (white | mask).sum()
+        assert iou > min_iou, f"image and mask disagree (IoU {iou:.2f})"
+        images.append(image)
+    return images
+
+
 def alignment_sample(folder):
     """A black photo with one white tilted quadrilateral, annotated with exactly that polygon."""
     points = [[30, 12], [150, 30], [140, 100], [20, 85]]
@@ -200,19 +220,9 @@ def alignment_sample(folder):
 def test_train_recipe_keeps_image_and_masks_aligned(tmp_path):
     """Crops, resizes, flips and offsets move the pixels and the drawn masks together."""
     sample = alignment_sample(tmp_path)
-    no_colour = dict(brightness=(1, 1), contrast=(1, 1), saturation=(1, 1), hue=(0, 0),
-                     grayscale_p=0, equalize_p=0, posterize_p=0)
-    recipe = wu.Recipe(96, train=True, **no_colour)
     torch.manual_seed(0)
-    flips = 0
-    for _ in range(40):
-        image, target = recipe(sample, [1])
-        if len(target["masks"]) == 0:
-            continue
-        white, mask = image.mean(0) > 0.5, target["masks"][0]
-        iou = (white & mask).sum() / (white | mask).sum()
-        assert iou > 0.9, f"image and mask disagree (IoU {iou:.2f})"
-        flips += int(image[:, :, :48].sum() > image[:, :, 48:].sum())
+    images = drawn_aligned(sample, draws=40, min_iou=0.9)
+    flips = sum(int(image[:, :, :48].sum() > image[:, :, 48:].sum()) for image in images)
     assert flips > 0, "some draws were mirrored"
 
 
@@ -233,15 +243,8 @@ def test_recipe_keeps_a_large_rotated_jpeg_aligned(tmp_path, upright_size):
     factor = width / pixels.shape[2]
     assert factor == int(factor) and pixels.shape[1] * factor == height
     assert factor == (8 if width % 8 == 0 and height % 8 == 0 else 1)
-    no_colour = dict(brightness=(1, 1), contrast=(1, 1), saturation=(1, 1), hue=(0, 0),
-                     grayscale_p=0, equalize_p=0, posterize_p=0)
-    recipe = wu.Recipe(96, train=True, **no_colour)
     torch.manual_seed(1)
-    for _ in range(20):
-        image, target = recipe(sample, [1])
-        if len(target["masks"]):
-            white, mask = image.mean(0) > 0.5, target["masks"][0]
-            assert (white & mask).sum() / (white | mask).sum() > 0.95
+    drawn_aligned(sample, draws=20, min_iou=0.95)
 
 
 @pytest.mark.parametrize("train", [True, False])
