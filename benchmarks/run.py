@@ -43,17 +43,17 @@ CLASSES = ["background", "student_id"]
 
 
 def find_dataset(explicit: str | None) -> Path:
-    import windows_utils as wu
+    from maskrcnn_labelme import download, runs
 
     candidates = [explicit] if explicit else [
-        os.environ.get(wu.DATA_DIR_ENV), ROOT.parent / "shared" / "datasets" / "student-id",
-        wu.DATA_CACHE / "student-id",
+        os.environ.get(runs.DATA_DIR_ENV), ROOT.parent / "shared" / "datasets" / "student-id",
+        download.DATA_CACHE / "student-id",
     ]
     for candidate in candidates:
         if candidate and Path(candidate).is_dir() and any(Path(candidate).glob("*.json")):
             return Path(candidate)
     print("The full dataset was not found; measuring on the embedded 12-image sample.")
-    return wu.SAMPLE_DIR
+    return download.SAMPLE_DIR
 
 
 def peak_rss_mb() -> float:
@@ -68,12 +68,13 @@ def measure_pipeline(args) -> dict:
     """Samples/s of both train recipes on one thread, alternating rounds of each."""
     import torch
 
-    import windows_utils as wu
+    import windows_utils
+    from maskrcnn_labelme import labelme
     from reference_pipeline import reference_dataset
 
     torch.set_num_threads(1)
     folder = Path(args.data)
-    ours = wu.make_dataset(wu.load_labelme_folder(folder), CLASSES, train=True, image_size=args.size)
+    ours = windows_utils.make_dataset(labelme.load_labelme_folder(folder), CLASSES, train=True, image_size=args.size)
     reference = reference_dataset(folder, args.size)
     rates: dict[str, list[float]] = {"reference": [], "ours": []}
     per_round = min(len(ours), args.pipeline_samples)
@@ -89,19 +90,19 @@ def measure_pipeline(args) -> dict:
 
 def our_model(variant: str, size: int, device):
     """This project's model and optimizer for `variant`, in training mode on `device`: "ours"
-    as notebook 04 trains (wu.prepare_for_training: channels-last on CUDA), "ours_contiguous"
+    as notebook 04 trains (models.prepare_for_training: channels-last on CUDA), "ours_contiguous"
     without channels-last, to show what it brings, and "ours_fused_adamw" with torch's fused
     AdamW (one kernel launch updates every parameter), measured to decide whether fit should
     use it (on an H200, side by side: 0.90x, so it does not)."""
     import torch
 
-    import windows_utils as wu
+    from maskrcnn_labelme import models
 
-    model = wu.build_model(len(CLASSES), image_size=size, pretrained=False)
+    model = models.build_model(len(CLASSES), image_size=size, pretrained=False)
     if variant == "ours_contiguous":
         model.to(device)
     else:
-        wu.prepare_for_training(model, device)
+        models.prepare_for_training(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=variant == "ours_fused_adamw")
     return model.train(), optimizer
 
@@ -111,7 +112,7 @@ def training_step(args, variant: str, device, batch):
     import torch
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
-    import windows_utils as wu
+    from maskrcnn_labelme import devices
 
     torch.manual_seed(0)
     if variant == "reference":
@@ -121,7 +122,7 @@ def training_step(args, variant: str, device, batch):
         dtype = None
     else:
         model, optimizer = our_model(variant, args.size, device)
-        dtype = wu.autocast_dtype(device)
+        dtype = devices.autocast_dtype(device)
     images, targets = batch
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
 
@@ -144,9 +145,10 @@ def training_step(args, variant: str, device, batch):
 
 def preloaded_batch(args, device):
     """args.batch validation-recipe samples on `device`: the same input for every variant."""
-    import windows_utils as wu
+    import windows_utils
+    from maskrcnn_labelme import labelme
 
-    dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
+    dataset = windows_utils.make_dataset(labelme.load_labelme_folder(args.data), CLASSES, train=False, image_size=args.size)
     batch = [dataset[i % len(dataset)] for i in range(args.batch)]
     return ([image.to(device) for image, _ in batch],
             [{k: v.to(device) for k, v in target.items()} for _, target in batch])
@@ -204,21 +206,22 @@ def measure_train_interleaved(args) -> dict:
 
 
 def measure_fed_training(args) -> dict:
-    """Images/s of notebook 04's own training loop (wu.train_one_epoch) fed by its own DataLoader
+    """Images/s of notebook 04's own training loop (engine.train_one_epoch) fed by its own DataLoader
     (train recipe, the default number of workers), and the share of the time spent waiting for a
     batch. Compared with the step rate on preloaded batches, it shows whether the data pipeline
     starves the GPU. One epoch warms up (workers, allocations); the second is timed."""
     import torch
 
-    import windows_utils as wu
+    import windows_utils
+    from maskrcnn_labelme import devices, engine, labelme
 
     torch.manual_seed(0)
     device = torch.device(args.device)
     model, optimizer = our_model(args.variant, args.size, device)
-    dataset = wu.make_dataset(wu.load_labelme_folder(args.data), CLASSES, train=True, image_size=args.size)
-    loader = wu.make_loader(dataset, batch_size=args.batch, train=True, device=device)
+    dataset = windows_utils.make_dataset(labelme.load_labelme_folder(args.data), CLASSES, train=True, image_size=args.size)
+    loader = windows_utils.make_loader(dataset, batch_size=args.batch, train=True, device=device)
     scheduler = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0)
-    scaler = torch.amp.GradScaler("cuda") if wu.autocast_dtype(device) == torch.float16 else None
+    scaler = devices.grad_scaler(device)
 
     class Timed:  # the loader, adding up how long the loop waits for each batch
         waited = 0.0
@@ -236,9 +239,9 @@ def measure_fed_training(args) -> dict:
                     return
                 yield batch
 
-    wu.train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch=0, progress=False)
+    engine.train_one_epoch(model, loader, optimizer, scheduler, scaler, device, epoch=0, progress=False)
     started = time.perf_counter()
-    wu.train_one_epoch(model, Timed(), optimizer, scheduler, scaler, device, epoch=1, progress=False)
+    engine.train_one_epoch(model, Timed(), optimizer, scheduler, scaler, device, epoch=1, progress=False)
     elapsed = time.perf_counter() - started
     return {"images_per_s": len(loader) * args.batch / elapsed, "waiting_share": Timed.waited / elapsed,
             "workers": loader.num_workers}
@@ -251,13 +254,13 @@ def measure_inference(args) -> dict:
     from PIL import Image
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
-    import windows_utils as wu
+    from maskrcnn_labelme import export, models
 
     torch.manual_seed(0)
     if args.variant == "reference":
         model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, num_classes=len(CLASSES))
     else:
-        model = wu.build_model(len(CLASSES), image_size=args.size, pretrained=False)
+        model = models.build_model(len(CLASSES), image_size=args.size, pretrained=False)
     model.eval()
     photo = next(Path(args.data).glob("*.jpg"))
     image = Image.open(photo).convert("RGB").resize((640, 480))
@@ -267,7 +270,7 @@ def measure_inference(args) -> dict:
 
         import onnxruntime as ort
 
-        path = wu.export_onnx(model, Path(tempfile.mkdtemp()) / "model.onnx", tensor)
+        path = export.export_onnx(model, Path(tempfile.mkdtemp()) / "model.onnx", tensor)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         run = lambda: session.run(None, {"image": tensor.numpy()})  # noqa: E731
         detections = lambda out: len(out[2])  # noqa: E731

@@ -5,15 +5,15 @@ from pathlib import Path
 
 import torch
 
-import windows_utils as wu
+from maskrcnn_labelme import download
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from reference_pipeline import reference_dataset  # noqa: E402
 
 
 def test_reference_pipeline_gives_training_samples():
-    dataset = reference_dataset(wu.SAMPLE_DIR, size=128)
-    assert len(dataset) == len(list(wu.SAMPLE_DIR.glob("*.json")))
+    dataset = reference_dataset(download.SAMPLE_DIR, size=128)
+    assert len(dataset) == len(list(download.SAMPLE_DIR.glob("*.json")))
     torch.manual_seed(0)
     for i in range(4):
         image, target = dataset[i]

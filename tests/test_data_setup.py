@@ -1,13 +1,12 @@
 """Tests for getting the data, splitting it and the manifest that links the notebooks."""
-import io
 import json
 import zipfile
 
 import pytest
 
-import windows_utils as wu
+from maskrcnn_labelme import download, labelme, runs
 
-PREFIX = f"pytorch-for-information-extraction-{wu.DATASET_COMMIT}/{wu.DATASET_SUBDIR}/"
+PREFIX = f"pytorch-for-information-extraction-{download.DATASET_COMMIT}/{download.DATASET_SUBDIR}/"
 
 
 def make_archive(path, members):
@@ -29,7 +28,7 @@ def test_download_extracts_only_dataset_files(tmp_path):
         "pytorch-for-information-extraction-x/README.md": "readme",
     })
     dest = tmp_path / "cache" / "student-id"
-    wu.download_student_id(dest, archive.as_uri())
+    download.download_student_id(dest, archive.as_uri())
     assert sorted(p.name for p in dest.iterdir() if not p.name.startswith(".")) == [
         "SOURCE.md", "a.jpg", "a.json"]
     assert (dest / ".complete").is_file()
@@ -46,7 +45,7 @@ def test_download_refuses_link_members(tmp_path):
         zf.writestr(info, "/etc/passwd")
         zf.writestr(PREFIX + "ok.json", "{}")
     dest = tmp_path / "out"
-    wu.download_student_id(dest, buffer.as_uri())
+    download.download_student_id(dest, buffer.as_uri())
     assert not (dest / "link.json").exists() and (dest / "ok.json").is_file()
 
 
@@ -54,14 +53,14 @@ def test_download_without_dataset_files_fails_and_leaves_nothing(tmp_path):
     archive = make_archive(tmp_path / "empty.zip", {"repo/README.md": "nothing here"})
     dest = tmp_path / "cache" / "student-id"
     with pytest.raises(OSError, match="no LabelMe files"):
-        wu.download_student_id(dest, archive.as_uri())
+        download.download_student_id(dest, archive.as_uri())
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
 
 def test_offline_falls_back_to_the_embedded_sample(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(wu, "DATA_CACHE", tmp_path / "cache")
-    monkeypatch.setattr(wu, "DATASET_URL", "http://127.0.0.1:9/unreachable.zip")
-    assert wu.get_dataset_dir(None, smoke=False) == wu.SAMPLE_DIR
+    monkeypatch.setattr(download, "DATA_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(download, "DATASET_URL", "http://127.0.0.1:9/unreachable.zip")
+    assert download.get_dataset_dir(None, smoke=False) == download.SAMPLE_DIR
     out = capsys.readouterr().out
     assert "Could not download" in out and "DATA_DIR" in out
 
@@ -71,25 +70,25 @@ def test_a_downloaded_dataset_is_reused(tmp_path, monkeypatch, capsys):
     cached.mkdir(parents=True)
     (cached / "a.json").write_text("{}")
     (cached / ".complete").write_text("1")
-    monkeypatch.setattr(wu, "DATA_CACHE", tmp_path / "cache")
-    monkeypatch.setattr(wu, "DATASET_URL", "http://127.0.0.1:9/must-not-be-used.zip")
-    assert wu.get_dataset_dir(None) == cached
+    monkeypatch.setattr(download, "DATA_CACHE", tmp_path / "cache")
+    monkeypatch.setattr(download, "DATASET_URL", "http://127.0.0.1:9/must-not-be-used.zip")
+    assert download.get_dataset_dir(None) == cached
 
 
 def test_smoke_profile_never_downloads(monkeypatch):
-    monkeypatch.setattr(wu, "download_student_id", lambda *a, **k: pytest.fail("downloaded"))
-    assert wu.get_dataset_dir(None, smoke=True) == wu.SAMPLE_DIR
+    monkeypatch.setattr(download, "download_student_id", lambda *a, **k: pytest.fail("downloaded"))
+    assert download.get_dataset_dir(None, smoke=True) == download.SAMPLE_DIR
 
 
 def test_a_named_folder_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a folder"):
-        wu.get_dataset_dir(tmp_path / "missing")
+        download.get_dataset_dir(tmp_path / "missing")
 
 
 def test_embedded_sample_is_complete_and_attributed():
-    samples = wu.load_labelme_folder(wu.SAMPLE_DIR)
+    samples = labelme.load_labelme_folder(download.SAMPLE_DIR)
     assert 1 <= len(samples) <= 12
-    assert (wu.SAMPLE_DIR / "LICENSE").read_text().startswith("MIT License")
+    assert (download.SAMPLE_DIR / "LICENSE").read_text().startswith("MIT License")
     assert {inst.label for s in samples for inst in s.instances} == {"student_id"}
 
 
@@ -97,10 +96,10 @@ def test_embedded_sample_is_complete_and_attributed():
 def test_split_is_seeded_disjoint_and_complete(count):
     stems = [f"{i:05d}" for i in range(count)]
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
-    splits = wu.split_stems(stems, fractions, seed=1234)
-    assert splits == wu.split_stems(list(reversed(stems)), fractions, seed=1234)
+    splits = runs.split_stems(stems, fractions, seed=1234)
+    assert splits == runs.split_stems(list(reversed(stems)), fractions, seed=1234)
     if count >= 12:  # with 3 files, two seeds agree one time in six
-        assert splits != wu.split_stems(stems, fractions, seed=4321)
+        assert splits != runs.split_stems(stems, fractions, seed=4321)
     together = [s for part in splits.values() for s in part]
     assert sorted(together) == stems and len(set(together)) == count
     assert all(len(part) >= 1 for part in splits.values())
@@ -110,40 +109,41 @@ def test_split_is_seeded_disjoint_and_complete(count):
 
 def test_split_with_too_few_files_says_so():
     with pytest.raises(ValueError, match="too few"):
-        wu.split_stems(["a"], {"train": 0.5, "val": 0.5}, seed=0)
+        runs.split_stems(["a"], {"train": 0.5, "val": 0.5}, seed=0)
 
 
 def test_missing_manifest_tells_which_notebook_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="01_data_exploration"):
-        wu.load_manifest(tmp_path)
+        runs.load_manifest(tmp_path)
 
 
 def test_manifest_round_trip(tmp_path):
-    data = {"data_dir": str(wu.SAMPLE_DIR), "class_names": ["background", "student_id"],
+    data = {"data_dir": str(download.SAMPLE_DIR), "class_names": ["background", "student_id"],
             "splits": {"train": ["10001"], "val": ["10002"], "test": ["10003"]}}
-    wu.write_json_atomic(tmp_path / wu.MANIFEST_NAME, data)
-    assert wu.load_manifest(tmp_path) == data
-    assert [s.stem for s in wu.manifest_samples(data, "val")] == ["10002"]
+    runs.write_json_atomic(tmp_path / runs.MANIFEST_NAME, data)
+    assert runs.load_manifest(tmp_path) == data
+    assert [s.stem for s in runs.manifest_samples(data, "val")] == ["10002"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 
 def test_smoke_switch(monkeypatch):
-    monkeypatch.setenv(wu.SMOKE_ENV, "1")
-    assert wu.smoke_profile()
-    monkeypatch.setenv(wu.SMOKE_ENV, "0")
-    assert not wu.smoke_profile()
-    monkeypatch.delenv(wu.SMOKE_ENV)
-    assert not wu.smoke_profile()
+    monkeypatch.setenv(runs.SMOKE_ENV, "1")
+    assert runs.smoke_profile()
+    monkeypatch.setenv(runs.SMOKE_ENV, "0")
+    assert not runs.smoke_profile()
+    monkeypatch.delenv(runs.SMOKE_ENV)
+    assert not runs.smoke_profile()
 
 
 def test_an_old_torchvision_gets_a_plain_fix(tmp_path):
-    """Importing the module with a torchvision that lacks tv_tensors (< 0.16) says what to do."""
+    """Importing the package with a torchvision older than the floor says what to do."""
     import subprocess
     import sys
 
-    code = ("import sys, torchvision; sys.modules['torchvision.tv_tensors'] = None; "
-            "import windows_utils")
+    code = ("import importlib.metadata as m; real = m.version; "
+            "m.version = lambda name: '0.15.2' if name == 'torchvision' else real(name); "
+            "import maskrcnn_labelme")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=wu.PROJECT_ROOT)
+                            cwd=runs.PROJECT_ROOT)
     assert result.returncode != 0
     assert "too old" in result.stderr and "pip install torch==2.14.1 torchvision==0.29.1" in result.stderr

@@ -13,16 +13,10 @@ from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
 
-from windows_utils import (
-    LabelMeDataset,
-    LabelMeError,
-    LabelMeWarning,
-    collate_detection,
-    load_labelme_file,
-    load_labelme_folder,
-)
+from maskrcnn_labelme.labelme import LabelMeError, LabelMeWarning, load_labelme_file, load_labelme_folder
+from windows_utils import LabelMeDataset, collate_detection
 
-pytestmark = pytest.mark.filterwarnings("error::windows_utils.LabelMeWarning")
+pytestmark = pytest.mark.filterwarnings("error::maskrcnn_labelme.labelme.LabelMeWarning")
 
 CLASSES = ["background", "cat", "dog"]
 
@@ -177,3 +171,23 @@ def test_spawn_dataloader_workers_iterate_the_whole_dataset(samples):
     labels = [target["labels"].tolist() for _, targets in batches for target in targets]
     assert labels == [[1, 2], [], [1]]
     assert all(image.dtype == torch.float32 for images, _ in batches for image in images)
+
+
+def test_spawn_workers_run_the_train_recipe_notebook_04_uses():
+    """Two spawn-started workers build the training pairs with the train recipe (crops, colour,
+    flips), the dataset made exactly as notebook 04 makes it, on the embedded sample."""
+    import windows_utils
+    from maskrcnn_labelme import download
+
+    samples = load_labelme_folder(download.SAMPLE_DIR)[:4]
+    dataset = windows_utils.make_dataset(samples, ["background", "student_id"], train=True, image_size=96)
+    loader = windows_utils.make_loader(dataset, batch_size=2, train=True, device=torch.device("cpu"),
+                                       workers=2, seed=0)
+    loader.multiprocessing_context = "spawn"
+    batches = list(loader)
+    assert len(batches) == 2
+    for images, targets in batches:
+        for image, target in zip(images, targets):
+            assert image.shape == (3, 96, 96) and image.dtype == torch.float32
+            assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+            assert (target["labels"] == 1).all()

@@ -1,4 +1,4 @@
-"""The LabelMe loader of windows_utils against every case of the LabelMe-files-in-the-wild checklist.
+"""The LabelMe loader (maskrcnn_labelme.labelme) against every case of the LabelMe-files-in-the-wild checklist.
 
 Each test writes tiny synthetic files into tmp_path. A LabelMeWarning that a test does not expect
 fails it (see ``pytestmark``), so "loads cleanly" below also means "without warnings".
@@ -18,7 +18,7 @@ import torch
 from labelme_fixtures import HEIGHT, WIDTH, png_base64, shape, square, write_image, write_labelme
 from PIL import Image
 
-from windows_utils import (
+from maskrcnn_labelme.labelme import (
     LabelMeError,
     LabelMeSample,
     LabelMeWarning,
@@ -27,7 +27,7 @@ from windows_utils import (
     report_labelme_folder,
 )
 
-pytestmark = pytest.mark.filterwarnings("error::windows_utils.LabelMeWarning")
+pytestmark = pytest.mark.filterwarnings("error::maskrcnn_labelme.labelme.LabelMeWarning")
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -648,11 +648,11 @@ def test_load_pixels_gives_load_images_pixels_upright(tmp_path):
 
 
 def test_load_pixels_falls_back_to_pillow_if_the_decoder_ignored_the_orientation(tmp_path, monkeypatch):
-    import windows_utils
+    from maskrcnn_labelme import pixels
 
     sample = load_labelme_file(exif_rotated_jpeg(tmp_path))
     stored_sideways = np.zeros((16, 32, 3), dtype=np.uint8)  # what an EXIF-blind decoder returns
-    monkeypatch.setattr(windows_utils, "_decode_complete_jpeg", lambda data: stored_sideways)
+    monkeypatch.setattr(pixels, "decode_complete_jpeg", lambda data: stored_sideways)
     pixels = sample.load_pixels()
     assert pixels.shape == (3, 32, 16) and pixels.numpy().max() > 200  # Pillow's upright pixels
 

@@ -35,7 +35,7 @@ def test_every_notebook_starts_with_the_same_colab_cell():
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_one_settings_cell_reads_the_smoke_switch(path):
-    settings = [c for c in code_cells(path) if re.search(r"^SMOKE = wu\.smoke_profile\(\)", source(c), re.M)]
+    settings = [c for c in code_cells(path) if re.search(r"^SMOKE = runs\.smoke_profile\(\)", source(c), re.M)]
     assert len(settings) == 1
     others = [c for c in code_cells(path) if "TUTORIAL_SMOKE" in source(c) and c not in settings]
     assert not others, "only the settings cell may read the smoke switch"

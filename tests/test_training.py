@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-import windows_utils as wu
+from maskrcnn_labelme import coco_eval, download, engine, labelme, models, runs
+import windows_utils
 
 CLASSES = ["background", "student_id"]
 CPU = torch.device("cpu")
@@ -14,24 +15,24 @@ CPU = torch.device("cpu")
 
 @pytest.fixture(scope="module")
 def sample_split():
-    samples = wu.load_labelme_folder(wu.SAMPLE_DIR)
+    samples = labelme.load_labelme_folder(download.SAMPLE_DIR)
     return samples[:2], samples[2:3]
 
 
 def tiny_loaders(sample_split, size=128):
     train, val = sample_split
-    train_loader = wu.make_loader(wu.make_dataset(train, CLASSES, train=True, image_size=size),
+    train_loader = windows_utils.make_loader(windows_utils.make_dataset(train, CLASSES, train=True, image_size=size),
                                   batch_size=2, train=True, device=CPU, workers=0, seed=7)
-    val_loader = wu.make_loader(wu.make_dataset(val, CLASSES, train=False, image_size=size),
+    val_loader = windows_utils.make_loader(windows_utils.make_dataset(val, CLASSES, train=False, image_size=size),
                                 batch_size=1, train=False, device=CPU, workers=0)
     return train_loader, val_loader
 
 
 def tiny_fit(sample_split, run_dir, on_step=None):
     torch.manual_seed(0)
-    model = wu.build_model(len(CLASSES), image_size=128, pretrained=False)
+    model = models.build_model(len(CLASSES), image_size=128, pretrained=False)
     train_loader, val_loader = tiny_loaders(sample_split)
-    history = wu.fit(model, train_loader, val_loader, run_dir=run_dir, epochs=2, lr=1e-4,
+    history = engine.fit(model, train_loader, val_loader, run_dir=run_dir, epochs=2, lr=1e-4,
                      device=CPU, class_names=CLASSES, progress=False, seed=7, on_step=on_step)
     return model, history
 
@@ -47,7 +48,7 @@ def test_interrupted_run_resumes_to_the_same_place(sample_split, tmp_path, capsy
 
     with pytest.raises(KeyboardInterrupt):
         tiny_fit(sample_split, tmp_path / "resumed", on_step=interrupt)
-    checkpoint = wu.load_checkpoint(tmp_path / "resumed" / wu.CHECKPOINT_NAME)
+    checkpoint = runs.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 1
 
     resumed, resumed_history = tiny_fit(sample_split, tmp_path / "resumed")
@@ -60,10 +61,10 @@ def test_interrupted_run_resumes_to_the_same_place(sample_split, tmp_path, capsy
     # the run folder: safe checkpoints and a metrics file
     run = tmp_path / "straight"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [wu.BEST_MODEL_NAME, wu.CHECKPOINT_NAME, wu.METRICS_NAME])
-    best = torch.load(run / wu.BEST_MODEL_NAME, weights_only=True)
+        [runs.BEST_MODEL_NAME, runs.CHECKPOINT_NAME, runs.METRICS_NAME])
+    best = torch.load(run / runs.BEST_MODEL_NAME, weights_only=True)
     assert best["class_names"] == CLASSES and best["segm_AP"] >= 0
-    header = (run / wu.METRICS_NAME).read_text().splitlines()[0].split(",")
+    header = (run / runs.METRICS_NAME).read_text().splitlines()[0].split(",")
     assert {"epoch", "train_loss", "val_loss", "bbox_AP", "segm_AP", "segm_AP50"} <= set(header)
     assert all(0 <= row["segm_AP"] <= 1 for row in straight_history)
 
@@ -90,10 +91,10 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(sampl
     train_loader, val_loader = tiny_loaders(sample_split)
     # epoch 1: one training step and one validation batch; epoch 2: NaN
     model = ScriptedModel(losses=[1.0, 0.5, math.nan])
-    with pytest.raises(wu.TrainingDiverged, match="lower learning rate"):
-        wu.fit(model, train_loader, val_loader, run_dir=tmp_path, epochs=2, lr=1e-3, device=CPU,
+    with pytest.raises(engine.TrainingDiverged, match="lower learning rate"):
+        engine.fit(model, train_loader, val_loader, run_dir=tmp_path, epochs=2, lr=1e-3, device=CPU,
                class_names=CLASSES, progress=False, eval_every=10)
-    checkpoint = wu.load_checkpoint(tmp_path / wu.CHECKPOINT_NAME)
+    checkpoint = runs.load_checkpoint(tmp_path / runs.CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 1 and math.isfinite(checkpoint["model"]["weight"].item())
 
 
@@ -101,17 +102,17 @@ def test_coco_evaluation_scores_perfect_predictions_as_one(sample_split):
     _, val_loader = tiny_loaders(sample_split)
     perfect = [{"boxes": t["boxes"], "labels": t["labels"], "scores": torch.ones(len(t["labels"])),
                 "masks": t["masks"][:, None].float()} for _, (t,) in val_loader]
-    metrics = wu.evaluate_coco(ScriptedModel(predictions=perfect), val_loader, CPU, CLASSES, progress=False)
+    metrics = coco_eval.evaluate_coco(ScriptedModel(predictions=perfect), val_loader, CPU, CLASSES, progress=False)
     assert metrics == {k: pytest.approx(1.0) for k in metrics}
 
     shifted = [{**p, "boxes": p["boxes"] + 40, "masks": torch.roll(p["masks"], 40, dims=-1)} for p in perfect]
-    worse = wu.evaluate_coco(ScriptedModel(predictions=shifted), val_loader, CPU, CLASSES, progress=False)
+    worse = coco_eval.evaluate_coco(ScriptedModel(predictions=shifted), val_loader, CPU, CLASSES, progress=False)
     assert worse["segm_AP"] < 0.5 and worse["bbox_AP"] < 0.5
 
 
 def test_validation_loss_leaves_batchnorm_statistics_alone(sample_split):
     torch.manual_seed(0)
-    model = wu.build_model(len(CLASSES), image_size=128, pretrained=False)
+    model = models.build_model(len(CLASSES), image_size=128, pretrained=False)
     _, val_loader = tiny_loaders(sample_split)
 
     def running_means():
@@ -119,7 +120,7 @@ def test_validation_loss_leaves_batchnorm_statistics_alone(sample_split):
                 if isinstance(m, torch.nn.BatchNorm2d)]
 
     before = running_means()
-    loss = wu.validation_loss(model, val_loader, CPU)
+    loss = engine.validation_loss(model, val_loader, CPU)
     assert math.isfinite(loss)
     assert all(torch.equal(a, b) for a, b in zip(before, running_means()))
     model.train()

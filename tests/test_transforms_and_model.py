@@ -10,14 +10,15 @@ from labelme_fixtures import shape, square, write_image, write_labelme
 from PIL import Image, ImageDraw
 from torchvision.transforms.v2 import functional as F
 
-import windows_utils as wu
+from maskrcnn_labelme import augment, download, labelme, models, targets
+import windows_utils
 
 SAMPLE_CLASSES = ["background", "student_id"]
 
 
 @pytest.fixture(scope="module")
 def sample_dataset():
-    return wu.LabelMeDataset(wu.load_labelme_folder(wu.SAMPLE_DIR), SAMPLE_CLASSES)
+    return windows_utils.LabelMeDataset(labelme.load_labelme_folder(download.SAMPLE_DIR), SAMPLE_CLASSES)
 
 
 def photo(seed: int = 0, size=(96, 64)) -> Image.Image:
@@ -37,13 +38,13 @@ def as_pixels(image: Image.Image) -> torch.Tensor:
     return F.pil_to_tensor(image)
 
 
-def colour_plan(size=(96, 64), **choices) -> wu.AugmentPlan:
+def colour_plan(size=(96, 64), **choices) -> augment.AugmentPlan:
     """A plan that keeps the whole image and makes only the given colour choices."""
-    return wu.AugmentPlan(crop=(0, 0, *size), resized=size, offset=(0, 0), **choices)
+    return augment.AugmentPlan(crop=(0, 0, *size), resized=size, offset=(0, 0), **choices)
 
 
 def recoloured(image: Image.Image, **choices) -> np.ndarray:
-    out = wu.Recipe.recolour(as_pixels(image), colour_plan(image.size, **choices))
+    out = augment.Recipe.recolour(as_pixels(image), colour_plan(image.size, **choices))
     return out.permute(1, 2, 0).numpy().astype(np.int16)
 
 
@@ -102,7 +103,7 @@ def test_hue_turns_colours_around_the_gray_axis(factor):
 
 def test_recolour_without_colour_choices_returns_the_pixels_untouched():
     pixels = as_pixels(photo(2))
-    assert wu.Recipe.recolour(pixels, colour_plan()) is pixels
+    assert augment.Recipe.recolour(pixels, colour_plan()) is pixels
     identity = (("brightness", 1.0), ("contrast", 1.0), ("saturation", 1.0), ("hue", 0.0))
     assert np.abs(recoloured(photo(2), jitter=identity) - as_array(photo(2))).max() == 0
 
@@ -127,18 +128,18 @@ def test_equalize_and_posterize_tables_match_torchvision_exactly(seed):
 def test_equalize_table_of_a_flat_image_is_the_identity():
     histogram = np.zeros(256, dtype=np.int64)
     histogram[77] = 1000
-    assert np.array_equal(wu.equalize_table(histogram), np.arange(256))
+    assert np.array_equal(augment.equalize_table(histogram), np.arange(256))
 
 
 def test_crop_keeps_the_whole_image_without_instances():
-    assert wu.Recipe(64, train=True).draw_crop(80, 50, np.zeros((0, 4))) == (0, 0, 80, 50)
+    assert augment.Recipe(64, train=True).draw_crop(80, 50, np.zeros((0, 4))) == (0, 0, 80, 50)
     outside = np.array([[0.0, 0.0, 0.0, 0.0]])  # an instance with no extent left in the image
-    assert wu.Recipe(64, train=True).draw_crop(80, 50, outside) == (0, 0, 80, 50)
+    assert augment.Recipe(64, train=True).draw_crop(80, 50, outside) == (0, 0, 80, 50)
 
 
 def test_crop_stays_inside_the_image_and_near_an_instance():
     torch.manual_seed(0)
-    recipe = wu.Recipe(64, train=True, crop_jitter=2.0)  # a large jitter pushes centres off the image
+    recipe = augment.Recipe(64, train=True, crop_jitter=2.0)  # a large jitter pushes centres off the image
     boxes = np.array([[70.0, 40.0, 80.0, 50.0]])
     crops = {recipe.draw_crop(80, 50, boxes) for _ in range(200)}
     assert len(crops) > 20, "crops vary"
@@ -149,8 +150,8 @@ def test_crop_stays_inside_the_image_and_near_an_instance():
 
 
 def test_validation_plan_centres_the_whole_image(tmp_path):
-    sample = wu.load_labelme_file(write_labelme(tmp_path, [], size=(200, 80)))
-    recipe = wu.Recipe(100, train=False)
+    sample = labelme.load_labelme_file(write_labelme(tmp_path, [], size=(200, 80)))
+    recipe = augment.Recipe(100, train=False)
     plan = recipe.plan(sample)
     assert plan.crop == (0, 0, 200, 80) and plan.resized == (100, 40) and plan.offset == (0, 30)
     assert not (plan.flip or plan.jitter or plan.grayscale or plan.equalize or plan.posterize_bits)
@@ -162,11 +163,11 @@ def test_validation_plan_centres_the_whole_image(tmp_path):
 def test_decode_crop_of_a_scaled_down_photo_covers_the_planned_region(tmp_path):
     """A big JPEG is decoded scaled down; the crop and the masks' region still match."""
     write_image(tmp_path / "big.jpg", (800, 600))
-    sample = wu.load_labelme_file(write_labelme(tmp_path, [square("card", 100, 80, 500, 400)],
+    sample = labelme.load_labelme_file(write_labelme(tmp_path, [square("card", 100, 80, 500, 400)],
                                                 image=False, size=(800, 600), imagePath="big.jpg"))
-    recipe = wu.Recipe(64, train=False)  # decodes at >= 80 px: libjpeg's 1/8 scale, 100 x 75
-    assert tuple(sample.load_pixels(wu.decode_side(64)).shape) == (3, 75, 100)
-    plan = wu.AugmentPlan(crop=(101, 75, 403, 302), resized=(64, 48), offset=(0, 8))
+    recipe = augment.Recipe(64, train=False)  # decodes at >= 80 px: libjpeg's 1/8 scale, 100 x 75
+    assert tuple(sample.load_pixels(augment.decode_side(64)).shape) == (3, 75, 100)
+    plan = augment.AugmentPlan(crop=(101, 75, 403, 302), resized=(64, 48), offset=(0, 8))
     pixels, region = recipe.decode_crop(sample, plan)
     assert tuple(pixels.shape) == (3, 38, 50)  # (403, 302) / 8, rounded at both ends
     assert region == (104.0, 72.0, 504.0, 376.0)  # whole decoded pixels, in the sample's pixels
@@ -175,8 +176,8 @@ def test_decode_crop_of_a_scaled_down_photo_covers_the_planned_region(tmp_path):
 
 
 def test_place_flips_image_and_masks_alike():
-    recipe = wu.Recipe(8, train=True)
-    plan = wu.AugmentPlan(crop=(0, 0, 4, 2), resized=(4, 2), offset=(3, 5), flip=True)
+    recipe = augment.Recipe(8, train=True)
+    plan = augment.AugmentPlan(crop=(0, 0, 4, 2), resized=(4, 2), offset=(3, 5), flip=True)
     pixels = torch.zeros(3, 2, 4, dtype=torch.uint8)
     pixels[:, :, 0] = 255  # left column white
     masks = np.zeros((1, 2, 4), dtype=bool)
@@ -193,7 +194,7 @@ NO_COLOUR = dict(brightness=(1, 1), contrast=(1, 1), saturation=(1, 1), hue=(0, 
 def drawn_aligned(sample, *, draws: int, min_iou: float) -> list[torch.Tensor]:
     """Train-recipe draws (96 px, no colour changes) of a sample whose one instance is the white
     part of its photo; asserts the white pixels and the mask agree; returns the images."""
-    recipe = wu.Recipe(96, train=True, **NO_COLOUR)
+    recipe = augment.Recipe(96, train=True, **NO_COLOUR)
     images = []
     for _ in range(draws):
         image, target = recipe(sample, [1])
@@ -214,7 +215,7 @@ def alignment_sample(folder):
     image.save(folder / "card.png")
     write_labelme(folder, [shape("card", points)], name="card", image=False, size=(180, 120),
                   imagePath="card.png")
-    return wu.load_labelme_file(folder / "card.json")
+    return labelme.load_labelme_file(folder / "card.json")
 
 
 def test_train_recipe_keeps_image_and_masks_aligned(tmp_path):
@@ -236,10 +237,10 @@ def test_recipe_keeps_a_large_rotated_jpeg_aligned(tmp_path, upright_size):
     ImageDraw.Draw(upright).polygon([tuple(p) for p in points], fill=(255, 255, 255))
     stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 turns it back
     write_image(tmp_path / "photo.jpg", pixels=np.asarray(stored), exif_orientation=6)
-    sample = wu.load_labelme_file(write_labelme(tmp_path, [shape("card", points)], image=False,
+    sample = labelme.load_labelme_file(write_labelme(tmp_path, [shape("card", points)], image=False,
                                                 size=upright_size, imagePath="photo.jpg"))
     # the decoded pixels are an exact fraction of the photo, which decode_crop's mapping relies on
-    pixels = sample.load_pixels(wu.decode_side(96))
+    pixels = sample.load_pixels(augment.decode_side(96))
     factor = width / pixels.shape[2]
     assert factor == int(factor) and pixels.shape[1] * factor == height
     assert factor == (8 if width % 8 == 0 and height % 8 == 0 else 1)
@@ -251,8 +252,8 @@ def test_recipe_keeps_a_large_rotated_jpeg_aligned(tmp_path, upright_size):
 def test_recipes_keep_their_promises(sample_dataset, train):
     """The properties notebook 03 checks at scale, on a few draws at a small size."""
     size = 128
-    recipe = wu.build_transforms(train=train, size=size)
-    dataset = wu.LabelMeDataset(sample_dataset.samples, SAMPLE_CLASSES, transforms=recipe)
+    recipe = augment.build_transforms(train=train, size=size)
+    dataset = windows_utils.LabelMeDataset(sample_dataset.samples, SAMPLE_CLASSES, transforms=recipe)
     torch.manual_seed(0)
     for i in range(24):
         source_labels = sample_dataset[i % len(sample_dataset)][1]["labels"].tolist()
@@ -262,7 +263,7 @@ def test_recipes_keep_their_promises(sample_dataset, train):
         masks, boxes = target["masks"], target["boxes"]
         assert masks.shape[-2:] == (size, size) and masks.dtype == torch.bool
         assert masks.flatten(1).any(1).all(), "no empty masks"
-        assert torch.equal(boxes, wu.boxes_from_masks(masks)), "boxes tight around their masks"
+        assert torch.equal(boxes, targets.boxes_from_masks(masks)), "boxes tight around their masks"
         assert (boxes[:, 2:] > boxes[:, :2]).all() and boxes.min() >= 0 and boxes.max() <= size
         assert len(masks) == len(boxes) == len(target["labels"]), "one label per mask and box"
         assert set(target["labels"].tolist()) <= set(source_labels)
@@ -272,7 +273,7 @@ def test_recipes_keep_their_promises(sample_dataset, train):
 
 def test_validation_recipe_matches_the_full_size_masks(sample_dataset):
     """Masks drawn at the final size agree with full-size masks resized the usual way."""
-    recipe = wu.build_transforms(train=False, size=128)
+    recipe = augment.build_transforms(train=False, size=128)
     for i, sample in enumerate(sample_dataset.samples[:4]):
         _, target = recipe(sample, sample_dataset._labels[i])
         full = torch.from_numpy(sample.rasterize())[:, None].float()
@@ -286,19 +287,19 @@ def test_validation_recipe_matches_the_full_size_masks(sample_dataset):
 
 
 def test_recipe_handles_an_image_without_instances(tmp_path):
-    sample = wu.load_labelme_file(write_labelme(tmp_path, []))
+    sample = labelme.load_labelme_file(write_labelme(tmp_path, []))
     for train in (True, False):
-        image, out = wu.build_transforms(train=train, size=64)(sample, [])
+        image, out = augment.build_transforms(train=train, size=64)(sample, [])
         assert image.shape == (3, 64, 64) and image.dtype == torch.float32
         assert out["boxes"].shape == (0, 4) and out["masks"].shape == (0, 64, 64) and len(out["labels"]) == 0
 
 
 def test_recipe_prints_its_steps():
-    text = repr(wu.build_transforms(train=True, size=512))
+    text = repr(augment.build_transforms(train=True, size=512))
     for step in ("crop around a random instance", "resize the longest side to 512", "colour matrix",
                  "lookup table", "flip", "masks drawn"):
         assert step in text
-    assert "crop" not in repr(wu.build_transforms(train=False, size=512))
+    assert "crop" not in repr(augment.build_transforms(train=False, size=512))
 
 
 def test_boxes_from_masks_matches_torchvision():
@@ -311,12 +312,12 @@ def test_boxes_from_masks_matches_torchvision():
     masks = masks[masks.flatten(1).any(1)]
     expected = masks_to_boxes(masks)
     expected[:, 2:] += 1
-    assert torch.equal(wu.boxes_from_masks(masks), expected)
-    assert wu.nonempty_masks(torch.zeros(2, 5, 5, dtype=torch.bool)).tolist() == [False, False]
+    assert torch.equal(targets.boxes_from_masks(masks), expected)
+    assert targets.nonempty_masks(torch.zeros(2, 5, 5, dtype=torch.bool)).tolist() == [False, False]
 
 
 def test_build_model_sizes_heads_and_input_resolution():
-    model = wu.build_model(3, image_size=256, pretrained=False)
+    model = models.build_model(3, image_size=256, pretrained=False)
     assert model.roi_heads.box_predictor.cls_score.out_features == 3
     assert model.roi_heads.box_predictor.bbox_pred.out_features == 12
     assert model.roi_heads.mask_predictor.mask_fcn_logits.out_channels == 3
@@ -332,24 +333,24 @@ def test_build_model_without_weights_says_so_and_never_downloads(tmp_path, monke
         raise urllib.error.URLError("no network in this test")
 
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
-    wu.build_model(2, image_size=128, pretrained=True, download=True)
+    models.build_model(2, image_size=128, pretrained=True, download=True)
     assert "NO PRETRAINED WEIGHTS" in capsys.readouterr().out
 
     def must_not_download(*args, **kwargs):
         pytest.fail("tried to download with download=False")
 
     monkeypatch.setattr(weights_api, "load_state_dict_from_url", must_not_download)
-    wu.build_model(2, image_size=128, pretrained=True, download=False)
+    models.build_model(2, image_size=128, pretrained=True, download=False)
     assert "downloads are off" in capsys.readouterr().out
 
 
 def test_helpers_accept_no_masks_at_all():
     for masks in (torch.zeros(0, 5, 7, dtype=torch.bool), torch.zeros(0, 0, 0, dtype=torch.bool)):
-        assert wu.boxes_from_masks(masks).shape == (0, 4)
-        assert wu.nonempty_masks(masks).shape == (0,)
+        assert targets.boxes_from_masks(masks).shape == (0, 4)
+        assert targets.nonempty_masks(masks).shape == (0,)
 
 
 def test_prepare_for_training_leaves_a_cpu_model_as_it_is():
     model = torch.nn.Conv2d(3, 4, 3)
-    assert wu.prepare_for_training(model, torch.device("cpu")) is model
+    assert models.prepare_for_training(model, torch.device("cpu")) is model
     assert model.weight.is_contiguous() and model.weight.device.type == "cpu"

@@ -1,0 +1,252 @@
+"""The training engine: one step, one epoch, a BatchNorm-safe validation loss, and ``fit``.
+
+``fit`` is what notebook 04 calls: AdamW with a one-cycle learning rate, mixed precision where
+the GPU supports it, COCO AP after each epoch, the best model kept by validation mask AP, and an
+atomic checkpoint of everything needed to resume after an interruption.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .coco_eval import evaluate_coco
+from .devices import autocast, grad_scaler
+from .models import prepare_for_training
+from .runs import (BEST_MODEL_NAME, CHECKPOINT_NAME, METRICS_NAME, TRAIN_SETTINGS_NAME, atomic_write,
+                   load_checkpoint, save_atomic, show_path, write_json_atomic)
+
+__all__ = [
+    "TrainingDiverged", "fit", "make_optimizer", "to_device", "train_one_epoch", "train_step",
+    "validation_loss",
+]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, total_steps: int):
+    """AdamW over the trainable parameters, and a one-cycle schedule over `total_steps` steps.
+
+    One-cycle warms the learning rate up from lr / 25 to `lr` over the first 30 % of the steps,
+    then anneals it towards zero: the warm-up keeps the first updates, made with random new heads,
+    from wrecking the pretrained backbone, and the slow end settles the weights.
+    """
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=max(1, total_steps))
+    return optimizer, scheduler
+
+
+def train_step(model, images, targets, optimizer, scheduler, scaler=None) -> dict[str, float]:
+    """One optimisation step on a batch; returns the total loss and each of its parts.
+
+    In training mode, Mask R-CNN takes images and targets and returns a dict of losses (RPN
+    objectness and box regression, classification, box regression, mask), which are summed.
+    """
+    with autocast(images[0].device):
+        losses = model(images, targets)
+    loss = sum(losses.values())
+    if not torch.isfinite(loss):  # stop before the optimizer applies it
+        details = ", ".join(f"{name}={value.item():.4g}" for name, value in losses.items())
+        raise TrainingDiverged(f"The loss became {loss.item()} ({details}).")
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        stepped = True
+    else:  # float16: scale the loss up so small gradients survive, and back down to step
+        scaler.scale(loss).backward()
+        scale_before = scaler.get_scale()
+        scaler.step(optimizer)
+        scaler.update()
+        stepped = scaler.get_scale() >= scale_before  # a skipped step lowers the scale
+    if stepped:
+        scheduler.step()
+    return {"loss": loss.item(), **{name: value.item() for name, value in losses.items()}}
+
+
+def to_device(images, targets, device):
+    """A batch's images and targets on `device` (asynchronous copies from pinned memory on CUDA)."""
+    non_blocking = device.type == "cuda"
+    images = [image.to(device, non_blocking=non_blocking) for image in images]
+    targets = [{k: v.to(device, non_blocking=non_blocking) for k, v in t.items()} for t in targets]
+    return images, targets
+
+
+def train_one_epoch(model, loader, optimizer, scheduler, scaler, device, *, epoch: int,
+                    on_step: Callable[[int], None] | None = None, progress: bool = True,
+                    global_step: int = 0) -> tuple[dict[str, float], int]:
+    """One pass over `loader` with ``train_step``; returns the mean of each loss and the new
+    global step count. Raises TrainingDiverged at the first non-finite loss."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    sums: dict[str, float] = {}
+    bar = tqdm(loader, desc=f"epoch {epoch + 1} train", leave=False, disable=not progress)
+    for images, targets in bar:
+        images, targets = to_device(images, targets, device)
+        try:
+            losses = train_step(model, images, targets, optimizer, scheduler, scaler)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(
+                f"Epoch {epoch + 1}, step {global_step + 1}: {error} The last good checkpoint is "
+                "untouched. Try a lower learning rate (e.g. half), check the annotations with "
+                "notebook 01's QA report (degenerate shapes), or turn mixed precision off."
+            ) from None
+        global_step += 1
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0.0) + value
+        bar.set_postfix(loss=f"{losses['loss']:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if on_step is not None:
+            on_step(global_step)
+    batches = max(1, len(loader))
+    return {name: total / batches for name, total in sums.items()}, global_step
+
+
+@torch.no_grad()
+def validation_loss(model, loader, device) -> float:
+    """Mean loss on `loader` without touching what training learned.
+
+    Mask R-CNN only computes losses in training mode, and in training mode BatchNorm layers
+    (the v2 model's backbone, FPN and heads have them) update their running statistics with every
+    batch: validating in plain train mode would quietly tune them to the validation images.
+    Here the model is in training mode but every BatchNorm layer is put in eval mode, so it uses
+    and keeps its statistics.
+    """
+    was_training = model.training
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    total, batches = 0.0, 0
+    for images, targets in loader:
+        images, targets = to_device(images, targets, device)
+        with autocast(device):
+            total += sum(model(images, targets).values()).item()
+        batches += 1
+    model.train(was_training)
+    return total / max(1, batches)
+
+
+def _rng_state() -> dict[str, Any]:
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    # RNG states must be CPU byte tensors, but load_checkpoint maps every tensor to the training
+    # device: move them back, or resuming on a GPU fails with "RNG state must be a torch.ByteTensor".
+    torch.set_rng_state(state["torch"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.cpu().numpy(), *rest))
+    random.setstate(state["python"])
+
+
+def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
+    columns = list(dict.fromkeys(key for row in history for key in row))
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(history)
+
+    atomic_write(run_dir / METRICS_NAME, write)
+
+
+def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: int, lr: float,
+        device: torch.device, class_names: Sequence[str], eval_every: int = 1,
+        settings: Mapping[str, Any] | None = None, progress: bool = True, seed: int = 0,
+        on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Train with AdamW + OneCycleLR, resuming from the run folder's last checkpoint if present.
+
+    Each epoch: train, validation loss (BatchNorm-safe), COCO AP every `eval_every` epochs and on
+    the last one, then an atomic checkpoint of everything needed to resume (model, optimizer,
+    scheduler, gradient scaler, epoch, step, RNG states, history). The model with the best mask
+    AP so far is also saved on its own for inference. Returns the metrics history.
+
+    Resuming is exact with `num_workers=0` (the RNG states are restored); with worker processes
+    the augmentations of the resumed epochs are drawn anew, which does not matter for training.
+    """
+    from tqdm.auto import tqdm
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prepare_for_training(model, device)
+    optimizer, scheduler = make_optimizer(model, lr, epochs * len(train_loader))
+    scaler = grad_scaler(device)
+    start_epoch, global_step, best_ap, history = 0, 0, -math.inf, []
+
+    checkpoint_path = run_dir / CHECKPOINT_NAME
+    if checkpoint_path.is_file():
+        state = load_checkpoint(checkpoint_path, device)
+        if state["epochs"] != epochs or state["steps_per_epoch"] != len(train_loader):
+            raise ValueError(
+                f"{show_path(checkpoint_path)} belongs to a run of {state['epochs']} epochs x "
+                f"{state['steps_per_epoch']} steps, not {epochs} x {len(train_loader)}. Use "
+                "another RUN_DIR, or delete the checkpoint to start over."
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+        best_ap, history = state["best_segm_AP"], list(state["history"])
+        print(f"Resuming from {show_path(checkpoint_path)}: {start_epoch} of {epochs} epochs done.")
+        if start_epoch >= epochs:
+            return history
+    if settings is not None:
+        write_json_atomic(run_dir / TRAIN_SETTINGS_NAME, dict(settings))
+
+    for epoch in tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress,
+                      initial=start_epoch, total=epochs):
+        started = time.perf_counter()
+        if getattr(train_loader, "generator", None) is not None:
+            # the shuffle order depends only on (seed, epoch), so a resumed run sees the same order
+            train_loader.generator.manual_seed(seed + epoch)
+        losses, global_step = train_one_epoch(
+            model, train_loader, optimizer, scheduler, scaler, device, epoch=epoch,
+            on_step=on_step, progress=progress, global_step=global_step,
+        )
+        row = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
+               **{f"train_{k}": v for k, v in losses.items()},
+               "val_loss": validation_loss(model, val_loader, device)}
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
+            row.update(evaluate_coco(model, val_loader, device, class_names, progress=progress))
+        row["seconds"] = time.perf_counter() - started
+        history.append(row)
+        if row.get("segm_AP", -math.inf) > best_ap:
+            best_ap = row["segm_AP"]
+            save_atomic({"model": model.state_dict(), "class_names": list(class_names),
+                         "epoch": epoch + 1, "segm_AP": best_ap}, run_dir / BEST_MODEL_NAME)
+        save_atomic({
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {},
+            "epoch": epoch + 1, "global_step": global_step, "epochs": epochs,
+            "steps_per_epoch": len(train_loader), "best_segm_AP": best_ap, "history": history,
+            "rng": _rng_state(),
+        }, checkpoint_path)
+        _write_metrics(run_dir, history)
+    return history
+
