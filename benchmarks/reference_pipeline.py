@@ -6,7 +6,7 @@ shape, boxes from masks, then the cjm + torchvision v2 train recipe working on t
 (IoU crop with centre jitter, colour jitter, grayscale, equalize, posterize, flip, resize the
 longest side, pad to a square with a random split, resize, float, sanitize).
 
-It exists only to be measured against; the tutorial's own pipeline is windows_utils.py.
+It exists only to be measured against; the tutorial's own pipeline is maskrcnn_labelme/augment.py.
 """
 from __future__ import annotations
 
