@@ -21,6 +21,8 @@ reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
   own DataLoader instead of preloaded batches, with the share of the time spent waiting for data
   (does the pipeline starve the GPU?);
 - inference latency for one 640x480 photo on the CPU: eager PyTorch (both) and ONNX Runtime;
+- peak memory (RSS) of inference.predict on a 6000x4000 JPEG photo on the CPU (this project only;
+  part "memory");
 - the wall time of the project's test suite (full mode, or --with-tests).
 """
 from __future__ import annotations
@@ -289,9 +291,53 @@ def measure_inference(args) -> dict:
     return {"ms": 1000 * statistics.median(times), "detections": found, "peak_rss_mb": peak_rss_mb()}
 
 
+def measure_predict_memory(args) -> dict:
+    """Peak RSS of inference.predict on a synthetic 6000x4000 JPEG photo, on the CPU, with this
+    project's model at args.size px (random weights, score_thresh 0 so that detections exist).
+
+    Handed such a photo whole, the model pasted its 100 masks as full-size floats before any
+    threshold: 20-22 GB, as the issue reports. predict shrinks the photo to the model's working
+    size and enlarges only the kept masks; what remains is the returned (N, H, W) boolean masks,
+    24 MB each at this size. Variant "all": the model's 100 detections, which random heads score
+    about 1, so all pass predict's threshold (the worst case: 2.4 GB of returned masks). Variant
+    "few": 5 detections (detections_per_img), as a trained model finds in a photo. One process
+    each, so the peak is predict's; the peak before the call (imports, model, decoded photo)
+    comes too.
+    """
+    import tempfile
+
+    import torch
+    from PIL import Image
+
+    from maskrcnn_labelme import inference, models, pixels
+
+    torch.manual_seed(0)
+    model = models.build_model(len(CLASSES), image_size=args.size, pretrained=False).eval()
+    model.roi_heads.score_thresh = 0.0
+    if args.variant == "few":
+        model.roi_heads.detections_per_img = 5
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "photo.jpg"
+        # shading across, shading down and noise as its three channels, made with 8-bit images
+        # (float arrays of this size would raise the peak before predict by a GB)
+        size = (6000, 4000)
+        across = Image.linear_gradient("L").rotate(90).resize(size)
+        Image.merge("RGB", (across, Image.linear_gradient("L").resize(size),
+                            Image.effect_noise(size, 40))).save(path, quality=90)
+        del across
+        image = pixels.open_rgb(path)  # decoded in full, as predict_folder reads it
+    before = peak_rss_mb()
+    start = time.perf_counter()
+    out = inference.predict(model, image)
+    seconds = time.perf_counter() - start
+    return {"peak_rss_mb": peak_rss_mb(), "peak_before_predict_mb": before, "seconds": seconds,
+            "detections": len(out["scores"]), "returned_masks_mb": out["masks"].numel() / 1e6,
+            "photo": list(image.size)}
+
+
 MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step,
                 "train_interleaved": measure_train_interleaved, "fed": measure_fed_training,
-                "infer": measure_inference}
+                "infer": measure_inference, "memory": measure_predict_memory}
 
 
 # ---- the driver ----
@@ -322,7 +368,7 @@ def main() -> int:
     parser.add_argument("--with-tests", action="store_true", help="also time the test suite")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--parts", default=None,
-                        help="comma-separated parts to measure, of pipeline,train,infer,tests "
+                        help="comma-separated parts to measure, of pipeline,train,infer,memory,tests "
                              "(default: all; tests only in full mode or with --with-tests)")
     parser.add_argument("--train-devices", default=None,
                         help="devices for the training-step part, e.g. cpu,cuda (default: cpu, plus "
@@ -350,7 +396,7 @@ def main() -> int:
         "torch": torch.__version__, "mode": "quick" if args.quick else "full", "data": args.data,
     }
     rows = []
-    parts = set(args.parts.split(",") if args.parts else ["pipeline", "train", "infer"])
+    parts = set(args.parts.split(",") if args.parts else ["pipeline", "train", "infer", "memory"])
     if args.with_tests or not (args.quick or args.parts):
         parts.add("tests")
     if cuda := torch.cuda.is_available():
@@ -410,6 +456,19 @@ def main() -> int:
                      f"random weights: {infer['ours']['detections']} detections"))
         rows.append(("inference on CPU, 640x480, ms (ours: eager vs ONNX Runtime)", infer["ours"]["ms"],
                      infer["onnx"]["ms"], infer["ours"]["ms"] / infer["onnx"]["ms"], ""))
+
+    if "memory" in parts:
+        print("peak memory of predict, 6000x4000 photo, CPU...", flush=True)
+        memory = {variant: in_subprocess("memory", args, variant=variant, size=512, device="cpu")
+                  for variant in ("all", "few")}
+        results["predict_memory_cpu_6000x4000"] = memory
+        for variant, figures in memory.items():
+            measure = (f"predict on a 6000x4000 photo, CPU, peak RSS MB ({figures['detections']} "
+                       "detections kept)")
+            note = (f"{figures['returned_masks_mb']:.0f} MB of it the returned masks, "
+                    f"{figures['peak_before_predict_mb']:.0f} MB before the call; "
+                    f"{figures['seconds']:.1f} s")
+            rows.append((measure, float("nan"), figures["peak_rss_mb"], float("nan"), note))
 
     if "tests" in parts:
         print("test suite...", flush=True)

@@ -2,22 +2,26 @@
 
 The download is pinned to one commit, streamed with a progress bar, extracted member by member
 (only images and JSON files of the dataset folder; absolute names, '..' and links are refused)
-and renamed into place only when complete.
+and renamed into place only when complete. Any failure ends in the embedded sample, and files
+found where the dataset goes are moved aside, never deleted.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
 import shutil
-import tempfile
+import time
 import urllib.request
+import uuid
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
-from .runs import DATA_DIR_ENV, PROJECT_ROOT, show_path
+from .runs import DATA_DIR_ENV, PROJECT_ROOT, remove_stale_temp, show_path
 
 __all__ = [
-    "DATASET_COMMIT", "DATASET_SUBDIR", "DATASET_URL", "DATA_CACHE", "SAMPLE_DIR",
+    "DATASET_COMMIT", "DATASET_SUBDIR", "DATASET_URL", "DATA_CACHE", "SAMPLE_DIR", "DownloadError",
     "download_student_id", "get_dataset_dir",
 ]
 
@@ -67,43 +71,122 @@ def _safe_member_target(member: zipfile.ZipInfo, root: Path) -> Path | None:
     return target
 
 
+class DownloadError(OSError):
+    """The dataset could not be downloaded or unpacked; the message names the URL and the cause.
+
+    Network, HTTP and archive faults come from many modules (OSError, http.client, zipfile,
+    zlib); turning them into one type lets get_dataset_dir fall back to the embedded sample
+    instead of stopping a notebook with a traceback. It is an OSError, so code that catches
+    OSError still catches it.
+    """
+
+
+# What a broken connection or archive raises besides OSError: IncompleteRead (HTTPException),
+# BadZipFile ("Bad CRC"), zlib.error (corrupt deflate data), EOFError (truncated member),
+# RuntimeError (encrypted member, unsupported compression), ValueError (malformed URL or header).
+_DOWNLOAD_FAULTS = (OSError, http.client.HTTPException, zipfile.BadZipFile, zlib.error, EOFError,
+                    RuntimeError, ValueError)
+
+
+def _fetch(url: str, archive: Path, timeout: float) -> None:
+    """Stream `url` into `archive` with a progress bar; a body shorter than its Content-Length
+    is a failure (http.client returns it without complaint when the connection drops)."""
+    from tqdm.auto import tqdm
+
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
+        length = response.headers.get("Content-Length", "")
+        total = int(length) if length.strip().isdigit() else None
+        received = 0
+        with tqdm(total=total, unit="B", unit_scale=True, desc="student-id dataset") as bar:
+            while chunk := response.read(1 << 16):
+                out.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received < total:
+        raise DownloadError(f"the connection to {url} closed after {received} of {total} bytes "
+                            f"({total - received} bytes short)")
+
+
+def _extract(archive: Path, staging: Path, url: str) -> int:
+    """Copy the dataset's images and JSON files out of `archive`; returns the number of JSON."""
+    with zipfile.ZipFile(archive) as zf:
+        for member in zf.infolist():
+            target = _safe_member_target(member, staging)
+            if target is not None:
+                with zf.open(member) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    count = len(list(staging.glob("*.json")))
+    if count == 0:
+        raise DownloadError(f"the archive from {url} holds no LabelMe files under {DATASET_SUBDIR}")
+    return count
+
+
+def _move_aside(folder: Path) -> None:
+    """Make room for a new dataset at `folder` without deleting anything in it.
+
+    An empty folder is removed; anything else (a user's files, an older download) is renamed to
+    a new sibling ``<name>.incomplete-<time>`` and the new place is printed.
+    """
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+        return
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder.with_name(f"{folder.name}.incomplete-{stamp}")
+    number = 1
+    while aside.exists() or aside.is_symlink():
+        number += 1
+        aside = folder.with_name(f"{folder.name}.incomplete-{stamp}-{number}")
+    folder.rename(aside)
+    print(f"Moved the files that were in {show_path(folder)} to {show_path(aside)}; "
+          "nothing was deleted.")
+
+
 def download_student_id(dest: Path, url: str = DATASET_URL, timeout: float = 30) -> Path:
     """Download the student-ID dataset archive and extract only its images and JSON into dest.
 
-    The archive is streamed to a temporary file with a progress bar, extracted into a temporary
-    folder and renamed into place at the end, so an interrupted download never leaves a
-    half-filled dataset behind.
+    The archive is streamed and extracted in a temporary folder ``.download-<pid>-<hex>`` beside
+    the dataset, which is renamed into place at the end, so an interrupted download never leaves
+    a half-filled dataset. The folder is removed when this call ends; one left by a killed
+    process is removed by the next download (runs.remove_stale_temp). Whatever is at dest is
+    moved aside, never deleted. When dest is a symbolic link (the data kept on another disk),
+    the dataset is built beside the folder it points to and renamed onto that path, so the link
+    stays and keeps working. Every failure raises DownloadError naming the URL and the cause.
     """
-    from tqdm.auto import tqdm
-
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".download-") as tmp:
-        archive = Path(tmp) / "dataset.zip"
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc="student-id dataset") as bar:
-                while chunk := response.read(1 << 16):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-        staging = Path(tmp) / "student-id"
-        staging.mkdir()
-        with zipfile.ZipFile(archive) as zf:
-            for member in zf.infolist():
-                target = _safe_member_target(member, staging)
-                if target is not None:
-                    with zf.open(member) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst)
-        count = len(list(staging.glob("*.json")))
-        if count == 0:
-            raise OSError(f"the archive from {url} holds no LabelMe files under {DATASET_SUBDIR}")
-        (staging / "SOURCE.md").write_text(
-            f"Downloaded from {url}\nMIT licence, copyright (c) 2020 MbassiJaphet.\n", "utf-8"
-        )
-        (staging / ".complete").write_text(f"{count} annotation files\n", "utf-8")
-        if dest.exists():
-            shutil.rmtree(dest)
-        staging.rename(dest)
+    try:
+        if dest.is_symlink():  # build beside the link target: a rename stays on one disk
+            place = Path(os.path.realpath(dest))
+            if not place.parent.is_dir():
+                raise DownloadError(f"{dest} links to {place}, whose folder does not exist: "
+                                    "connect that disk, or remove the link")
+        else:
+            place = dest
+            dest.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp(place.parent)
+        tmp = place.parent / f".download-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            archive = tmp / "dataset.zip"
+            _fetch(url, archive, timeout)
+            staging = tmp / "student-id"
+            staging.mkdir()
+            count = _extract(archive, staging, url)
+            (staging / "SOURCE.md").write_text(
+                f"Downloaded from {url}\nMIT licence, copyright (c) 2020 MbassiJaphet.\n", "utf-8"
+            )
+            (staging / ".complete").write_text(f"{count} annotation files\n", "utf-8")
+            if place.exists():
+                _move_aside(place)
+            staging.rename(place)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except DownloadError:
+        raise
+    except _DOWNLOAD_FAULTS as error:
+        kind = type(error).__qualname__
+        if type(error).__module__ != "builtins":  # "zlib.error" says more than "error"
+            kind = f"{type(error).__module__}.{kind}"
+        raise DownloadError(f"downloading {url} failed: {kind}: {error}") from error
     return dest
 
 
@@ -135,7 +218,7 @@ def get_dataset_dir(data_dir: os.PathLike | str | None = None, *, smoke: bool = 
         return cached
     try:
         download_student_id(cached, DATASET_URL)
-    except (OSError, zipfile.BadZipFile) as error:  # URLError and timeouts are OSErrors
+    except DownloadError as error:  # every network and archive fault, see download_student_id
         print(
             f"Could not download the student-ID dataset ({error}).\n"
             f"Falling back to the embedded 12-image sample in {show_path(SAMPLE_DIR)}: every "

@@ -8,6 +8,7 @@ atomic checkpoint of everything needed to resume after an interruption.
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import os
 import random
@@ -23,10 +24,11 @@ from .coco_eval import evaluate_coco
 from .devices import autocast, grad_scaler
 from .models import prepare_for_training
 from .runs import (BEST_MODEL_NAME, CHECKPOINT_NAME, METRICS_NAME, TRAIN_SETTINGS_NAME, atomic_write,
-                   load_checkpoint, save_atomic, show_path, write_json_atomic)
+                   load_checkpoint, load_model_state, remove_stale_temp, save_atomic, show_path,
+                   write_json_atomic)
 
 __all__ = [
-    "TrainingDiverged", "fit", "make_optimizer", "to_device", "train_one_epoch", "train_step",
+    "TrainingDiverged", "fit", "make_optimizer", "run_fingerprint", "to_device", "train_one_epoch", "train_step",
     "validation_loss",
 ]
 
@@ -172,6 +174,38 @@ def _write_metrics(run_dir: Path, history: list[dict[str, float]]) -> None:
     atomic_write(run_dir / METRICS_NAME, write)
 
 
+def run_fingerprint(train_loader, *, epochs: int, lr: float, class_names: Sequence[str], seed: int,
+                    settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What makes a run this run: its data, classes and training settings.
+
+    Stored in every checkpoint and compared on resume, so that a reused run folder never carries
+    on silently with other data or settings. ``settings`` adds the caller's own (the image size,
+    the weights); the device is left out on purpose: a run may resume on another machine.
+    """
+    dataset = train_loader.dataset
+    files = [str(sample.json_path) for sample in getattr(dataset, "samples", [])]
+    return {
+        **{key: value for key, value in (settings or {}).items() if key != "device"},
+        "class_names": list(class_names), "epochs": epochs, "lr": lr, "seed": seed,
+        "batch_size": train_loader.batch_size, "steps_per_epoch": len(train_loader),
+        "train_images": len(dataset),
+        "train_files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest()[:16],
+    }
+
+
+def _check_same_run(path: Path, state: Mapping[str, Any], run: Mapping[str, Any]) -> None:
+    saved = state.get("run") or {"epochs": state.get("epochs"), "steps_per_epoch": state.get("steps_per_epoch")}
+    # a setting this call does not state (a resume without ``settings``) is not a difference
+    differ = [f"{key}: {saved[key]!r} in the checkpoint, {run[key]!r} now"
+              for key in saved if key in run and saved[key] != run[key]]
+    if differ:
+        raise ValueError(
+            f"{show_path(path)} belongs to another run, so it is not resumed. What differs:\n  "
+            + "\n  ".join(differ) + "\nTo train with the new data or settings, use another "
+            "RUN_DIR (or delete this one); to resume, set everything back as it was."
+        )
+
+
 def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: int, lr: float,
         device: torch.device, class_names: Sequence[str], eval_every: int = 1,
         settings: Mapping[str, Any] | None = None, progress: bool = True, seed: int = 0,
@@ -179,9 +213,11 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
     """Train with AdamW + OneCycleLR, resuming from the run folder's last checkpoint if present.
 
     Each epoch: train, validation loss (BatchNorm-safe), COCO AP every `eval_every` epochs and on
-    the last one, then an atomic checkpoint of everything needed to resume (model, optimizer,
-    scheduler, gradient scaler, epoch, step, RNG states, history). The model with the best mask
-    AP so far is also saved on its own for inference. Returns the metrics history.
+    the last one, the metrics file, then an atomic checkpoint of everything needed to resume
+    (model, optimizer, scheduler, gradient scaler, epoch, step, RNG states, history, and the run's
+    fingerprint: a checkpoint of other data or settings is refused, naming what differs). The
+    model with the best mask AP so far is also saved on its own for inference.
+    ``train_settings.json`` records the settings the run really uses. Returns the metrics history.
 
     Resuming is exact with `num_workers=0` (the RNG states are restored); with worker processes
     the augmentations of the resumed epochs are drawn anew, which does not matter for training.
@@ -190,21 +226,19 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp(run_dir)  # what a killed writer left behind
     prepare_for_training(model, device)
     optimizer, scheduler = make_optimizer(model, lr, epochs * len(train_loader))
     scaler = grad_scaler(device)
     start_epoch, global_step, best_ap, history = 0, 0, -math.inf, []
+    run = run_fingerprint(train_loader, epochs=epochs, lr=lr, class_names=class_names, seed=seed,
+                          settings=settings)
 
     checkpoint_path = run_dir / CHECKPOINT_NAME
     if checkpoint_path.is_file():
         state = load_checkpoint(checkpoint_path, device)
-        if state["epochs"] != epochs or state["steps_per_epoch"] != len(train_loader):
-            raise ValueError(
-                f"{show_path(checkpoint_path)} belongs to a run of {state['epochs']} epochs x "
-                f"{state['steps_per_epoch']} steps, not {epochs} x {len(train_loader)}. Use "
-                "another RUN_DIR, or delete the checkpoint to start over."
-            )
-        model.load_state_dict(state["model"])
+        _check_same_run(checkpoint_path, state, run)
+        load_model_state(model, state, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
@@ -212,11 +246,11 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
         _set_rng_state(state["rng"])
         start_epoch, global_step = state["epoch"], state["global_step"]
         best_ap, history = state["best_segm_AP"], list(state["history"])
+        _write_metrics(run_dir, history)  # a run killed before its metrics file was written
         print(f"Resuming from {show_path(checkpoint_path)}: {start_epoch} of {epochs} epochs done.")
         if start_epoch >= epochs:
             return history
-    if settings is not None:
-        write_json_atomic(run_dir / TRAIN_SETTINGS_NAME, dict(settings))
+    write_json_atomic(run_dir / TRAIN_SETTINGS_NAME, {**run, "device": str(device)})
 
     for epoch in tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress,
                       initial=start_epoch, total=epochs):
@@ -235,6 +269,7 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
             row.update(evaluate_coco(model, val_loader, device, class_names, progress=progress))
         row["seconds"] = time.perf_counter() - started
         history.append(row)
+        _write_metrics(run_dir, history)  # first: a run is never without the metrics it has
         if row.get("segm_AP", -math.inf) > best_ap:
             best_ap = row["segm_AP"]
             save_atomic({"model": model.state_dict(), "class_names": list(class_names),
@@ -245,8 +280,7 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
             "scaler": scaler.state_dict() if scaler is not None else {},
             "epoch": epoch + 1, "global_step": global_step, "epochs": epochs,
             "steps_per_epoch": len(train_loader), "best_segm_AP": best_ap, "history": history,
-            "rng": _rng_state(),
+            "rng": _rng_state(), "run": run,
         }, checkpoint_path)
-        _write_metrics(run_dir, history)
     return history
 

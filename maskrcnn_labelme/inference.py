@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,10 @@ from .draw import draw_instances
 from .models import build_model
 from .runs import BEST_MODEL_NAME, MODEL_SETTINGS_NAME, load_checkpoint, read_artifact, write_json_atomic
 
-__all__ = ["load_trained_model", "mask_to_polygons", "predict", "predict_folder", "prediction_to_labelme"]
+__all__ = [
+    "load_trained_model", "mask_to_polygons", "predict", "predict_folder", "prediction_to_labelme",
+    "upsample_mask", "working_size",
+]
 
 
 def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = "cpu"
@@ -37,23 +43,70 @@ def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = 
     return model.to(device).eval(), list(checkpoint["class_names"])
 
 
+def working_size(model: torch.nn.Module, width: int, height: int) -> tuple[int, int]:
+    """(width, height) that `predict` shrinks a width x height photo to: the size the model works
+    at anyway.
+
+    torchvision's detection transform resizes every input so that its short side becomes
+    ``min_size`` and its long side at most ``max_size`` (both are the training image size in this
+    project); the scale computed here is the one it computes. The sides are rounded rather than
+    floored (torchvision floors), so that the model's own resize of the shrunk photo is an
+    identity instead of a second, blurring resample of a pixel or so. A photo the model would
+    enlarge is left as it is (only ever shrink), and so is any photo for a model without such a
+    transform (a stand-in in a test, a fixed-size transform).
+    """
+    transform = getattr(model, "transform", None)
+    if getattr(transform, "fixed_size", None) is not None or not hasattr(transform, "max_size"):
+        return width, height
+    short, long = min(width, height), max(width, height)
+    scale = min(transform.min_size[-1] / short, transform.max_size / long)
+    if scale >= 1:
+        return width, height
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def upsample_mask(soft: torch.Tensor, threshold: float, out: torch.Tensor) -> torch.Tensor:
+    """Enlarge one soft mask (h, w) bilinearly to the size of `out`, a boolean (H, W) tensor, and
+    set `out` where the enlarged probability is at least `threshold`; returns `out`.
+
+    One mask at a time: a float mask the size of a 6000 x 4000 photo takes 96 MB, a hundred of
+    them at once 9.6 GB.
+    """
+    if soft.shape == out.shape:  # the photo was not shrunk: the model's own masks
+        return out.copy_(soft >= threshold)
+    enlarged = torch.nn.functional.interpolate(soft[None, None].float(), size=out.shape,
+                                               mode="bilinear", align_corners=False)[0, 0]
+    return out.copy_(enlarged >= threshold)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, image: Image.Image, device: torch.device | str = "cpu", *,
             score_threshold: float = 0.5, mask_threshold: float = 0.5) -> dict[str, torch.Tensor]:
     """Detections for one image, in that image's own pixel coordinates.
 
-    The model's internal transform resizes the image to the training size and maps boxes and
-    masks back to the input size, so no manual rescaling is needed. Returns boxes (XYXY), labels,
-    scores and boolean masks (N, H, W) of the detections scoring at least `score_threshold`.
+    The model works at the training size whatever the photo's size (its transform resizes every
+    input), but it pastes each of its up to 100 soft masks back at the input's size before any
+    threshold: handed a 6000 x 4000 photo, that took 20 GB. So the photo is shrunk first to the
+    size the model works at anyway (`working_size`; a smaller photo goes in as it is), and only
+    the detections scoring at least `score_threshold` come back to the photo's size: boxes
+    scaled, soft masks enlarged one at a time and thresholded at `mask_threshold`
+    (`upsample_mask`). Returns boxes (XYXY), labels, scores and boolean masks (N, H, W).
     """
     model.eval()
-    (output,) = model([pixels.to_float_image(image).to(device)])
+    size = working_size(model, *image.size)
+    # antialiased: Pillow widens its bilinear filter to shrink, as the training pipeline does
+    small = image if size == image.size else image.resize(size, Image.Resampling.BILINEAR)
+    (output,) = model([pixels.to_float_image(small).to(device)])
     keep = output["scores"] >= score_threshold
+    x_scale, y_scale = image.width / small.width, image.height / small.height
+    masks = torch.zeros((int(keep.sum()), image.height, image.width), dtype=torch.bool)
+    for soft, mask in zip(output["masks"][keep, 0], masks):
+        upsample_mask(soft, mask_threshold, out=mask)
     return {
-        "boxes": output["boxes"][keep].float().cpu(),
+        "boxes": output["boxes"][keep].float().cpu() * torch.tensor([x_scale, y_scale] * 2),
         "labels": output["labels"][keep].cpu(),
         "scores": output["scores"][keep].float().cpu(),
-        "masks": (output["masks"][keep, 0] >= mask_threshold).cpu(),
+        "masks": masks,
     }
 
 
@@ -106,33 +159,102 @@ def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], 
     labelling. A JSON file already in out_dir is never overwritten (it may hold your
     corrections); delete it to get a fresh prediction. Returns one summary row per image; a
     detection whose mask is too small to trace (under 16 pixels) has no LabelMe instance.
+
+    A file that cannot be read (not an image, cut short, missing) does not stop the run, which
+    may be hours into a folder: a warning names it, its row says why ("json": "error: ..."), and
+    the other photos are predicted. Output files are named after the photo (`a.jpg`: `a.json`),
+    except where photos of the batch share a name stem (`a.jpg` and `a.png`), which would
+    overwrite each other's files: those keep their suffix in the name (`a_png.json` beside a copy
+    `a_png.png`); each row's "json file" says which file is the photo's.
     """
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     (out_dir / "annotated").mkdir(parents=True, exist_ok=True)
+    paths = [Path(p) for p in images]
     rows = []
-    for path in tqdm([Path(p) for p in images], desc="predicting", disable=not progress):
-        image = pixels.open_rgb(path)
-        prediction = predict(model, image, device, score_threshold=score_threshold,
-                             mask_threshold=mask_threshold)
-        names = [class_names[i] for i in prediction["labels"]]
-        drawn = draw_instances(TF.pil_to_tensor(image), prediction["masks"], prediction["boxes"],
-                               [f"{n} {s:.2f}" for n, s in zip(names, prediction["scores"].tolist())],
-                               [colors[i - 1] for i in prediction["labels"]])
-        TF.to_pil_image(drawn).save(out_dir / "annotated" / f"{path.stem}.jpg", quality=90)
-        json_path = out_dir / f"{path.stem}.json"
-        kept = json_path.exists()
-        if not kept:
-            image_copy = out_dir / f"{path.stem}{path.suffix.lower()}"
-            if image_copy.resolve() != path.resolve():
-                # the original file, EXIF included: LabelMe and our loader both apply the EXIF
-                # rotation, and the polygons are in that rotated frame
-                shutil.copyfile(path, image_copy)
-            document = prediction_to_labelme(prediction, class_names, image_copy.name, *image.size)
-            write_json_atomic(json_path, document)
-        instances = None if kept else len({(s["label"], s["group_id"] if s["group_id"] is not None
-                                            else f"shape {i}") for i, s in enumerate(document["shapes"])})
-        rows.append({"image": path.name, "detections": len(names), "labelme instances": instances,
-                     "json": "kept (already there)" if kept else "written"})
+    started = time.perf_counter()
+    with tqdm(zip(paths, _output_stems(paths)), total=len(paths), desc="predicting",
+              disable=not progress) as bar:
+        for done, (path, stem) in enumerate(bar, start=1):
+            try:
+                rows.append(_predict_photo(model, path, out_dir, stem, class_names, colors, device,
+                                           score_threshold=score_threshold,
+                                           mask_threshold=mask_threshold))
+            except _UnreadablePhoto as error:
+                tqdm.write(f"WARNING: {error} (skipped)", file=sys.stderr)
+                rows.append({"image": path.name, "detections": None, "labelme instances": None,
+                             "json": f"error: {error}", "json file": None})
+            bar.set_postfix_str(f"{done / (time.perf_counter() - started):.2f} photos/s")
     return rows
+
+
+class _UnreadablePhoto(OSError):
+    """A photo file that cannot be decoded; the message names the file."""
+
+
+def _read_photo(path: Path) -> Image.Image:
+    """pixels.open_rgb, failing with an error that names the file: Pillow raises many exception
+    types for broken files, and its messages ("image file is truncated") do not say which."""
+    try:
+        return pixels.open_rgb(path)
+    except Exception as error:  # any decoding failure is this file's fault, reported as such
+        raise _UnreadablePhoto(f"cannot read {path}: {type(error).__name__}: {error}") from error
+
+
+def _predict_photo(model: torch.nn.Module, path: Path, out_dir: Path, stem: str,
+                   class_names: Sequence[str], colors: Sequence[Sequence[int]], device, *,
+                   score_threshold: float, mask_threshold: float) -> dict[str, Any]:
+    """predict_folder's work for one photo, writing its files under the name `stem`; returns its
+    summary row. A function of its own so that the photo, its masks and its drawing (hundreds of
+    MB for a large photo) are freed before the next photo is read."""
+    image = _read_photo(path)
+    prediction = predict(model, image, device, score_threshold=score_threshold,
+                         mask_threshold=mask_threshold)
+    names = [class_names[i] for i in prediction["labels"]]
+    drawn = draw_instances(TF.pil_to_tensor(image), prediction["masks"], prediction["boxes"],
+                           [f"{n} {s:.2f}" for n, s in zip(names, prediction["scores"].tolist())],
+                           [colors[i - 1] for i in prediction["labels"]])
+    TF.to_pil_image(drawn).save(out_dir / "annotated" / f"{stem}.jpg", quality=90)
+    del drawn
+    json_path = out_dir / f"{stem}.json"
+    row = {"image": path.name, "detections": len(names), "labelme instances": None,
+           "json": "kept (already there)", "json file": json_path.name}
+    if json_path.exists():
+        return row
+    image_copy = out_dir / f"{stem}{path.suffix.lower()}"
+    if image_copy.resolve() != path.resolve():
+        # the original file, EXIF included: LabelMe and our loader both apply the EXIF
+        # rotation, and the polygons are in that rotated frame
+        shutil.copyfile(path, image_copy)
+    document = prediction_to_labelme(prediction, class_names, image_copy.name, *image.size)
+    write_json_atomic(json_path, document)
+    instances = len({(s["label"], s["group_id"] if s["group_id"] is not None else f"shape {i}")
+                     for i, s in enumerate(document["shapes"])})
+    return {**row, "labelme instances": instances, "json": "written"}
+
+
+def _output_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct name stem for each photo's output files.
+
+    A stem unique in the batch is kept, so that `a.json` sits beside `a.jpg` as LabelMe expects.
+    Photos sharing a stem (`a.jpg` and `a.png`, or one name in two folders) get it with their
+    suffix (`a_jpg`, `a_png`), numbered where even that repeats (`a_jpg_2`). Stems are compared
+    ignoring case, as the file systems of Windows and macOS compare names.
+    """
+    counts = Counter(path.stem.casefold() for path in paths)
+    taken = {stem for stem, count in counts.items() if count == 1}
+    stems = []
+    for path in paths:
+        if counts[path.stem.casefold()] == 1:
+            stems.append(path.stem)
+            continue
+        suffix = path.suffix.lstrip(".").lower()
+        base = stem = f"{path.stem}_{suffix}" if suffix else path.stem
+        number = 1
+        while stem.casefold() in taken:
+            number += 1
+            stem = f"{base}_{number}"
+        taken.add(stem.casefold())
+        stems.append(stem)
+    return stems

@@ -29,7 +29,7 @@ from .labelme_parse import (AREALESS_SHAPE_TYPES, SUPPORTED_SHAPE_TYPES, LabelMe
 __all__ = [
     "AREALESS_SHAPE_TYPES", "SUPPORTED_SHAPE_TYPES", "LabelMeError", "LabelMeInstance",
     "LabelMeReport", "LabelMeSample", "LabelMeShape", "LabelMeWarning", "load_labelme_file",
-    "load_labelme_folder", "report_labelme_folder",
+    "label_spelling_warnings", "load_labelme_folder", "report_labelme_folder",
 ]
 
 
@@ -174,7 +174,8 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
         if parsed is None:
             continue
         label, group_id, shape = parsed
-        parse.warn_if_outside(context, shape, label, width, height)
+        if not parse.check_inside(context, shape, label, width, height):
+            continue
         if group_id is None:
             instances.append(LabelMeInstance(label, None, [shape]))
         elif (label, group_id) in groups:
@@ -214,6 +215,8 @@ def load_labelme_folder(
         )
     for error in errors:
         warnings.warn(LabelMeWarning(f"{error} (file skipped)"), stacklevel=2)
+    for message in label_spelling_warnings(samples):
+        warnings.warn(LabelMeWarning(f"{folder}: {message}"), stacklevel=2)
     return samples
 
 
@@ -227,7 +230,9 @@ def report_labelme_folder(folder: str | os.PathLike[str]) -> LabelMeReport:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LabelMeWarning)
         samples, errors, _ = _load_folder(Path(folder))
-    return LabelMeReport(samples, errors, [message for sample in samples for message in sample.warnings])
+    folder_warnings = [f"{folder}: {message}" for message in label_spelling_warnings(samples)]
+    return LabelMeReport(samples, errors,
+                         [message for sample in samples for message in sample.warnings] + folder_warnings)
 
 
 def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError], int]:
@@ -247,3 +252,24 @@ def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError],
         except LabelMeError as error:
             errors.append(error)
     return samples, errors, len(json_paths)
+
+
+def label_spelling_warnings(samples: Sequence[LabelMeSample]) -> list[str]:
+    """One message per group of labels that differ only in upper and lower case.
+
+    "Card" and "card" would become two classes that split one object's examples between them.
+    They are reported rather than merged: which spelling is right is the annotator's call.
+    """
+    files: dict[str, dict[str, list[str]]] = {}
+    for sample in samples:
+        for instance in sample.instances:
+            spellings = files.setdefault(instance.label.casefold(), {})
+            spellings.setdefault(instance.label, []).append(sample.json_path.name)
+    messages = []
+    for spellings in files.values():
+        if len(spellings) > 1:
+            listing = "; ".join(f"{label!r} in {len(names)} file(s), e.g. {names[0]}"
+                                for label, names in sorted(spellings.items()))
+            messages.append(f"labels that differ only in case would be separate classes: {listing}. "
+                            "Rename them to one spelling in LabelMe.")
+    return messages

@@ -26,7 +26,7 @@ from .pixels import IMAGE_SUFFIXES
 __all__ = [
     "AREALESS_SHAPE_TYPES", "SUPPORTED_SHAPE_TYPES", "FileContext", "LabelMeError", "LabelMeInstance",
     "LabelMeShape", "LabelMeWarning", "check_recorded_size", "describe_image", "locate_image",
-    "parse_shape", "read_json_object", "shape_list", "read_upright_size", "warn_if_outside",
+    "parse_shape", "read_json_object", "shape_list", "read_upright_size", "check_inside",
 ]
 
 SUPPORTED_SHAPE_TYPES = ("polygon", "rectangle", "circle", "oriented_rectangle", "mask")
@@ -258,6 +258,10 @@ def parse_shape(
     label = raw["label"]
     if not isinstance(label, str):
         raise context.error(f'"label" must be a string, got {_brief(label)}', index)
+    if label != label.strip():  # "card " and "card" would otherwise be two classes
+        context.warn(f"label {label!r} has spaces around it; read as {label.strip()!r}. Re-save it "
+                     "without them in LabelMe.", index)
+        label = label.strip()
     group_id = raw.get("group_id")
     if group_id is not None and (isinstance(group_id, bool) or not isinstance(group_id, int)):
         raise context.error(f'"group_id" must be a whole number or null, got {_brief(group_id)}', index)
@@ -359,23 +363,32 @@ def _decode_mask_patch(context: FileContext, index: int, value: Any) -> np.ndarr
         ) from exc
 
 
-def warn_if_outside(
+def check_inside(
     context: FileContext, shape: LabelMeShape, label: str, width: int, height: int
-) -> None:
-    """Record shapes reaching outside the image: harmless when slight, a wrong image size when large."""
+) -> bool:
+    """Whether a shape covers any pixel of the image; warn when it reaches outside.
+
+    Reaching slightly outside is harmless (the outside part is clipped); a shape entirely outside
+    covers no pixel, so it is left out with a warning that says so, rather than kept as an
+    instance that vanishes later (turning the photo into one without objects unnoticed).
+    """
     if shape.kind == "mask":
         origin = np.floor(shape.points[0])
         extent = np.stack([origin, origin + shape.mask.shape[::-1]])
     else:
         extent = shape.points
     if (extent.min(axis=0) >= 0).all() and (extent.max(axis=0) <= (width, height)).all():
-        return
-    context.warn(
-        f"{shape.kind} {label!r} reaches outside the {width}x{height} image (x {extent[:, 0].min():g} "
-        f"to {extent[:, 0].max():g}, y {extent[:, 1].min():g} to {extent[:, 1].max():g}); the outside "
-        "part is clipped.",
-        shape.index,
-    )
+        return True
+    where = (f"the {width}x{height} image (x {extent[:, 0].min():g} to {extent[:, 0].max():g}, "
+             f"y {extent[:, 1].min():g} to {extent[:, 1].max():g})")
+    if not pixels.rasterize_shapes([shape], width, height, (1.0, 1.0)).any():
+        context.warn(f"{shape.kind} {label!r} lies entirely outside {where}: it covers no pixel and "
+                     "is left out. Fix its points in LabelMe, or check that the JSON belongs to this "
+                     "image.", shape.index)
+        return False
+    context.warn(f"{shape.kind} {label!r} reaches outside {where}; the outside part is clipped.",
+                 shape.index)
+    return True
 
 
 def _b64decode(text: str) -> bytes:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -9,13 +11,67 @@ from torchvision.models.detection import MaskRCNN_ResNet50_FPN_V2_Weights, maskr
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
-__all__ = ["build_model", "coco_weights_file", "load_maskrcnn", "prepare_for_training", "replace_heads"]
+__all__ = [
+    "COCO_WEIGHTS_URL", "TRAINABLE_BACKBONE_LAYERS", "WeightsError", "build_model", "coco_weights_file",
+    "load_coco_weights", "load_maskrcnn", "prepare_for_training", "replace_heads",
+]
+
+
+# The COCO weights: torchvision's published file, whose name ends in the first hex digits of its
+# SHA-256 ("...-73cbd019.pth").
+COCO_WEIGHTS_URL = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url
+# Backbone stages trained when fine-tuning from COCO, as torchvision does for pretrained weights:
+# ResNet's stem and first stage keep their weights (they detect edges and textures, which any
+# photo needs), layer2-layer4 adapt.
+TRAINABLE_BACKBONE_LAYERS = ("layer2", "layer3", "layer4")
+
+
+class WeightsError(RuntimeError):
+    """The COCO weights file is not the published one (corrupt, cut short, or replaced)."""
 
 
 def coco_weights_file() -> Path:
     """Where torchvision keeps the COCO weights once downloaded (the torch hub cache)."""
-    url = MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    return Path(torch.hub.get_dir()) / "checkpoints" / COCO_WEIGHTS_URL.rsplit("/", 1)[-1]
+
+
+def _published_hash_prefix() -> str:
+    return re.search(r"-([0-9a-f]{6,})\.", COCO_WEIGHTS_URL.rsplit("/", 1)[-1]).group(1)
+
+
+def load_coco_weights(download: bool = True) -> dict[str, torch.Tensor]:
+    """The COCO state dict, checked before anything in it is read.
+
+    torchvision unpickles its cached weights with ``weights_only=False`` and checks their hash
+    only while downloading, so a file planted in the cache would run code. Here the file, from
+    the cache or freshly downloaded, must match the SHA-256 prefix in torchvision's published
+    file name, and is then read with ``torch.load(..., weights_only=True)``, which only accepts
+    tensors and plain data. Raises FileNotFoundError (not cached, downloads off), OSError (the
+    download failed) or WeightsError (a file that is not the published one).
+    """
+    path = coco_weights_file()
+    prefix = _published_hash_prefix()
+    if not path.is_file():
+        if not download:
+            raise FileNotFoundError(f"{path} does not exist and downloads are off")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(COCO_WEIGHTS_URL, str(path), hash_prefix=prefix, progress=True)
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    if not digest.hexdigest().startswith(prefix):
+        raise WeightsError(
+            f"{path} is not torchvision's published COCO weights file: its SHA-256 begins "
+            f"{digest.hexdigest()[:len(prefix)]}, the published one {prefix}. It is corrupt, cut "
+            "short or was replaced, and is not read. Delete it; the next run with internet access "
+            f"downloads it again and checks it (or copy the genuine file from {COCO_WEIGHTS_URL})."
+        )
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # matches the hash, yet unreadable: refuse rather than unpickle
+        raise WeightsError(f"{path} matches the published hash but cannot be read safely "
+                           f"({type(error).__name__}). Delete it and download it again.") from error
 
 
 def load_maskrcnn(*, image_size: int = 512, pretrained: bool = True, download: bool = True
@@ -26,30 +82,35 @@ def load_maskrcnn(*, image_size: int = 512, pretrained: bool = True, download: b
         [min_size, max_size]; by default that is 800-1333 px, which would compute a 512 px training
         image at 800 px. Setting both to image_size runs the network at the size the data pipeline
         produces (about twice as fast on a CPU at 256 px, and no blurry upsampling).
-    pretrained: start from the COCO weights when they can be had: already in the torch hub cache,
-        or downloadable when `download` is True. Otherwise a loud message, and every weight
-        (backbone included) starts random, so nothing tries the network.
+    pretrained: start from the COCO weights (see ``load_coco_weights``) when they can be had:
+        already in the torch hub cache, or downloadable when `download` is True. Otherwise a loud
+        message, and every weight (backbone included) starts random, so nothing tries the network.
+        A weights file that is not the published one stops with WeightsError: it is never read.
     """
-    sizes = {"min_size": image_size, "max_size": image_size}
-    if pretrained:
-        cached = coco_weights_file().is_file()
-        if cached or download:
-            try:
-                return maskrcnn_resnet50_fpn_v2(weights=MaskRCNN_ResNet50_FPN_V2_Weights.COCO_V1, **sizes)
-            except (OSError, RuntimeError) as error:  # no network, or a broken download
-                reason = f"they could not be loaded ({type(error).__name__}: {error})"
-        else:
-            reason = f"they are not in {coco_weights_file().parent} and downloads are off"
+    model = maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None,
+                                     min_size=image_size, max_size=image_size)
+    if not pretrained:
+        return model
+    try:
+        state = load_coco_weights(download)
+    except WeightsError:
+        raise
+    except (OSError, RuntimeError) as error:  # not cached and offline, or a failed download
         print(
             "!" * 78 + "\n"
-            f"NO PRETRAINED WEIGHTS: the COCO weights were asked for, but {reason}.\n"
+            f"NO PRETRAINED WEIGHTS: the COCO weights were asked for, but could not be had\n"
+            f"({type(error).__name__}: {error}).\n"
             "The model starts from random weights. Everything still runs, but a randomly\n"
             "initialised Mask R-CNN needs far more data and epochs to learn: expect poor\n"
             "results. To fix: run this once with internet access (the weights are cached in\n"
-            f"{coco_weights_file().parent}), or copy "
-            f"{coco_weights_file().name} there.\n" + "!" * 78
+            f"{coco_weights_file().parent}), or copy the genuine {coco_weights_file().name}\n"
+            "there (it is checked against its published hash before use).\n" + "!" * 78
         )
-    return maskrcnn_resnet50_fpn_v2(weights=None, weights_backbone=None, **sizes)
+        return model
+    model.load_state_dict(state)
+    for name, parameter in model.backbone.body.named_parameters():
+        parameter.requires_grad_(name.startswith(TRAINABLE_BACKBONE_LAYERS))
+    return model
 
 
 def replace_heads(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:

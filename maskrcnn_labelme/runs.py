@@ -8,9 +8,15 @@ full disk never leaves half a file where a good one was.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import pickle
 import random
+import re
+import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -21,11 +27,13 @@ import torch
 from . import labelme
 
 __all__ = [
-    "BEST_MODEL_NAME", "CHECKPOINT_NAME", "DATA_DIR_ENV", "MANIFEST_NAME", "METRICS_NAME",
-    "MODEL_SETTINGS_NAME", "PROJECT_ROOT", "RUNS_DIR", "SMOKE_ENV", "TEST_METRICS_NAME",
-    "TRAIN_SETTINGS_NAME", "atomic_write", "default_run_dir", "load_checkpoint", "load_manifest",
-    "manifest_samples", "read_artifact", "save_atomic", "show_path", "smoke_profile",
-    "split_stems", "write_json_atomic",
+    "BEST_MODEL_NAME", "CHECKPOINT_NAME", "DATA_DIR_ENV", "LAST_RUN_NAME", "MANIFEST_NAME",
+    "METRICS_NAME", "MODEL_SETTINGS_NAME", "PROJECT_ROOT", "RUNS_DIR", "SMOKE_ENV",
+    "TEST_METRICS_NAME", "TRAIN_SETTINGS_NAME", "ArtifactError", "atomic_write", "default_run_dir",
+    "latest_run_dir", "load_checkpoint", "load_manifest", "load_model_state", "manifest_samples",
+    "read_artifact", "remember_run_dir", "remove_stale_temp", "save_atomic", "show_path",
+    "smoke_profile", "split_stems", "temp_name", "write_json_atomic", "write_text_atomic",
+    "WriteError",
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +50,7 @@ BEST_MODEL_NAME = "best_model.pt"            # 04: the weights with the best val
 METRICS_NAME = "metrics.csv"                 # 04: one row per epoch
 TEST_METRICS_NAME = "test_metrics.json"      # 04: the best checkpoint on the test split
 TRAIN_SETTINGS_NAME = "train_settings.json"  # 04: the settings training ran with
+LAST_RUN_NAME = "last_run.txt"               # 01: in runs/, the run folder 02-06 use
 
 
 def smoke_profile() -> bool:
@@ -52,9 +61,34 @@ def smoke_profile() -> bool:
     return os.environ.get(SMOKE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
 
 
-def default_run_dir(smoke: bool) -> Path:
-    """Folder holding one run's artifacts; the smoke profile never touches a real run."""
-    return RUNS_DIR / ("smoke" if smoke else "student-id")
+def default_run_dir(smoke: bool, data_dir: os.PathLike | str | None = None) -> Path:
+    """The run folder for a dataset: its artifacts never mix with another dataset's.
+
+    The smoke profile uses ``runs/smoke``; the student-ID dataset (``data_dir`` None)
+    ``runs/student-id``; your own LabelMe folder ``runs/<folder name>-<6 hex digits of its full
+    path>``, so two folders with the same name get two run folders.
+    """
+    if smoke:
+        return RUNS_DIR / "smoke"
+    if not data_dir:
+        return RUNS_DIR / "student-id"
+    folder = Path(data_dir).expanduser().resolve()
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.name).strip("._") or "data"
+    return RUNS_DIR / f"{name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:6]}"
+
+
+def remember_run_dir(run_dir: os.PathLike | str, smoke: bool) -> None:
+    """Note `run_dir` as the one notebooks 02-06 use (notebook 01 calls this after the split)."""
+    if not smoke:
+        write_text_atomic(RUNS_DIR / LAST_RUN_NAME, f"{Path(run_dir).resolve()}\n")
+
+
+def latest_run_dir(smoke: bool) -> Path:
+    """The run folder notebook 01 last wrote (``runs/last_run.txt``), else the default one."""
+    pointer = RUNS_DIR / LAST_RUN_NAME
+    if smoke or not pointer.is_file():
+        return default_run_dir(smoke)
+    return Path(pointer.read_text(encoding="utf-8").strip())
 
 
 def show_path(path: os.PathLike | str) -> str:
@@ -66,29 +100,99 @@ def show_path(path: os.PathLike | str) -> str:
         return str(path)
 
 
+class WriteError(OSError):
+    """A file could not be written; the message names it, the cause and the free space."""
+
+
+def temp_name(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this writer: ``.<name>.<pid>-<random>.tmp``."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # signal 0 means CTRL_C_EVENT there: never send it; trust the age test
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists, as another user's process
+        return True
+    return True
+
+
+def remove_stale_temp(folder: os.PathLike | str, *, max_age_s: float = 6 * 3600) -> list[Path]:
+    """Delete what killed writers left in `folder`: temporary files and download folders (named by
+    ``temp_name`` or ``download``) whose process is gone, or, where that cannot be told (Windows),
+    untouched for `max_age_s`. Returns what was removed."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        match = re.fullmatch(r"\.(?:.+\.|download-)(\d+)-[0-9a-f]{8}(?:\.tmp)?", entry.name)
+        if not match:
+            continue
+        try:
+            age = time.time() - entry.stat().st_mtime
+        except OSError:
+            continue
+        if _pid_alive(int(match.group(1))) and age < max_age_s:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 def atomic_write(path: os.PathLike | str, write: Callable[[Path], Any]) -> Path:
     """Call ``write(temporary_path)``, then rename the result to ``path`` in one step.
 
     A crash mid-write leaves the previous ``path`` untouched. The temporary file sits in the same
     folder (a rename within one file system is atomic), is named uniquely per writer, so two
-    writers never share one, and is removed when writing fails.
+    writers never share one, and is removed when writing fails. A failure (a full disk, a file
+    too large, no permission) raises WriteError naming the file, the cause and the free space.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    tmp = temp_name(path)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, Exception) and not isinstance(error, WriteError):
+            raise _write_error(path, error) from error
         raise
     return path
 
 
+def _write_error(path: Path, error: Exception) -> WriteError:
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = getattr(error, "errno", None) == errno.ENOSPC or (free is not None and free < 64 << 20)
+    space = "" if free is None else f" {free / 1e6:,.0f} MB are free on that disk."
+    advice = (" The disk is full: free some space (old runs in runs/ are the usual suspects), "
+              "then run this again." if full else " Check that the folder is writable and the disk "
+              "has room, then run this again.")
+    return WriteError(f"could not write {path}: {type(error).__name__}: {error}.{space}{advice} "
+                      f"Any earlier {path.name} is untouched.")
+
+
+def write_text_atomic(path: os.PathLike | str, text: str) -> Path:
+    """Write UTF-8 text atomically (see ``atomic_write``)."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(path: os.PathLike | str, data: Any) -> Path:
     """Write ``data`` as indented UTF-8 JSON, atomically (see ``atomic_write``)."""
-    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_atomic(obj: Any, path: os.PathLike | str) -> Path:
@@ -96,13 +200,60 @@ def save_atomic(obj: Any, path: os.PathLike | str) -> Path:
     return atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+class ArtifactError(ValueError):
+    """A run-folder file (checkpoint, manifest, settings) that cannot be used; says which and why."""
+
+
 def load_checkpoint(path: os.PathLike | str, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely: weights_only=True refuses pickled code, so a checkpoint from an
-    untrusted source cannot run anything on this machine."""
+    """Load a checkpoint of this tutorial safely, or say plainly what is wrong with the file.
+
+    ``weights_only=True`` accepts tensors and plain data only, so a checkpoint from an untrusted
+    source cannot run code on this machine. An empty, cut-short or foreign file raises
+    ArtifactError naming it and the fix.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{show_path(path)} does not exist. Run notebook 04 first.")
-    return torch.load(path, map_location=device, weights_only=True)
+    fix = ("If it is a run's last_checkpoint.pt, delete it to train from the start; if it is a "
+           "best_model.pt you copied, copy it again.")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as error:
+        # torch's message for a refused object advises weights_only=False: never pass that on
+        if "GLOBAL" in str(error):
+            raise ArtifactError(
+                f"{show_path(path)} holds Python objects besides tensors and plain data, which only "
+                "running code could rebuild: it was refused unread. The checkpoints of this "
+                "tutorial never hold such objects, so this file was made elsewhere or altered. "
+                "Do not load it with weights_only=False unless you made it yourself."
+            ) from None
+        raise ArtifactError(f"{show_path(path)} is not a PyTorch checkpoint: its bytes are no data "
+                            f"torch.save writes. {fix}") from None
+    except Exception as error:  # empty (EOFError), cut short (RuntimeError from the zip reader)
+        raise ArtifactError(
+            f"{show_path(path)} is not a readable checkpoint: {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no data'}. It is empty, cut short "
+            f"(a copy or a write that did not finish) or not a PyTorch file. {fix}"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ArtifactError(f"{show_path(path)} is not a checkpoint of this tutorial (no 'model' "
+                            "entry). Notebook 04 writes best_model.pt and last_checkpoint.pt.")
+    return state
+
+
+def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: os.PathLike | str) -> None:
+    """Put a checkpoint's weights into `model`, saying which file does not fit and why."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as error:
+        predictor = checkpoint["model"].get("roi_heads.box_predictor.cls_score.weight")
+        trained_for = "" if predictor is None else f" It was trained for {len(predictor)} classes."
+        raise ArtifactError(
+            f"{show_path(path)} does not fit this model: {str(error).splitlines()[0]}{trained_for} "
+            "The model here has "
+            f"{model.roi_heads.box_predictor.cls_score.out_features} classes (background included). "
+            "Use the checkpoint of this dataset's run folder, or train again (notebook 04)."
+        ) from None
 
 
 def split_stems(
@@ -135,24 +286,47 @@ def split_stems(
 
 
 def read_artifact(run_dir: os.PathLike | str, name: str, notebook: str) -> dict[str, Any]:
-    """Read a JSON file an earlier notebook wrote, saying which notebook to run when it is missing."""
+    """Read a JSON file an earlier notebook wrote, saying which notebook to run when it is missing
+    or damaged."""
     path = Path(run_dir) / name
+    rerun = f"Run notebooks/{notebook}.ipynb again (with the same {SMOKE_ENV} setting): it writes this file."
     if not path.is_file():
-        raise FileNotFoundError(
-            f"{show_path(path)} does not exist. Run notebooks/{notebook}.ipynb first (with the "
-            f"same {SMOKE_ENV} setting): it writes this file."
-        )
-    return json.loads(path.read_text(encoding="utf-8"))
+        raise FileNotFoundError(f"{show_path(path)} does not exist. {rerun}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{show_path(path)} is damaged (cut short or edited by hand?): "
+                            f"{error}. {rerun}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{show_path(path)} does not hold a JSON object. {rerun}")
+    return data
 
 
 def load_manifest(run_dir: os.PathLike | str) -> dict[str, Any]:
-    """The dataset manifest of notebook 01: data folder, class names, colours and the split."""
+    """The dataset manifest of notebook 01: data folder, class names, colours and the split.
+
+    Checked before use: the data folder still exists, and no photo is in two splits (a test photo
+    that was also trained on would make the test score a lie).
+    """
+    path = Path(run_dir) / MANIFEST_NAME
     manifest = read_artifact(run_dir, MANIFEST_NAME, "01_data_exploration")
+    missing = [key for key in ("data_dir", "class_names", "splits") if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{show_path(path)} lacks {', '.join(missing)}. Run notebook 01 again.")
     if not Path(manifest["data_dir"]).is_dir():
         raise FileNotFoundError(
-            f"{show_path(Path(run_dir) / MANIFEST_NAME)} names the data folder "
-            f"{manifest['data_dir']}, which is gone. Run notebook 01 again."
+            f"{show_path(path)} names the data folder {manifest['data_dir']}, which is gone. Run "
+            "notebook 01 again."
         )
+    seen: dict[str, str] = {}
+    for split, stems in manifest["splits"].items():
+        for stem in stems:
+            if stem in seen and seen[stem] != split:
+                raise ArtifactError(
+                    f"{show_path(path)} puts {stem} in both {seen[stem]!r} and {split!r}: a photo "
+                    "must be in one split only. Run notebook 01 again to write a clean split."
+                )
+            seen[stem] = split
     return manifest
 
 

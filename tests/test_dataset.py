@@ -93,8 +93,10 @@ def test_instances_with_empty_masks_are_dropped(tmp_path):
 
 def test_unknown_label_fails_at_construction_naming_file_shape_and_classes(tmp_path):
     write_labelme(tmp_path, [square("cat", 1, 1, 5, 5), square("Cat", 10, 1, 15, 5)], name="a")
+    with pytest.warns(LabelMeWarning, match="differ only in case"):
+        samples = load_labelme_folder(tmp_path)
     with pytest.raises(LabelMeError) as caught:
-        LabelMeDataset(load_labelme_folder(tmp_path), CLASSES)
+        LabelMeDataset(samples, CLASSES)
     message = str(caught.value)
     assert "a.json" in message and "shape 1" in message and "'Cat'" in message
     assert "'cat', 'dog'" in message  # the known classes

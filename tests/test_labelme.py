@@ -163,10 +163,18 @@ def test_self_intersecting_bowtie_fills_both_halves(tmp_path):
     assert not mask[12, 20] and not mask[28, 20]  # the gaps above and below the crossing
 
 
-def test_polygon_fully_outside_loads_with_a_warning_and_rasterizes_empty(tmp_path):
-    sample = load_warned(write_labelme(tmp_path, [square("cat", 100, 100, 120, 120)]))
-    assert "shape 0" in only_warning(sample) and "outside" in only_warning(sample)
-    assert len(sample.instances) == 1 and not sample.rasterize().any()
+def test_polygon_fully_outside_is_left_out_with_a_warning_that_says_so(tmp_path):
+    sample = load_warned(write_labelme(tmp_path, [square("cat", 100, 100, 120, 120),
+                                                  square("dog", 1, 1, 9, 9)]))
+    message = only_warning(sample)
+    assert "shape 0" in message and "entirely outside" in message and "left out" in message
+    assert [instance.label for instance in sample.instances] == ["dog"]
+
+
+def test_a_shape_just_touching_the_image_is_kept(tmp_path):
+    # x from -10 to 0: Pillow (and LabelMe) fill pixel column 0 for a coordinate in [0, 1)
+    sample = load_warned(write_labelme(tmp_path, [square("cat", -10, 5, 0, 9)]))
+    assert "clipped" in only_warning(sample) and sample.rasterize()[0].any()
 
 
 def test_points_partly_outside_warn_and_are_clipped(tmp_path):
@@ -342,13 +350,21 @@ def test_missing_or_malformed_fields_are_errors(tmp_path, bad_shape):
     shape_error(tmp_path, bad_shape)
 
 
-def test_labels_are_kept_exactly_as_written(tmp_path):
+def test_labels_lose_surrounding_spaces_with_a_warning_and_keep_their_case(tmp_path):
     shapes = [square("cat ", 1, 1, 5, 5), square("Cat", 10, 1, 15, 5), square("cat", 20, 1, 25, 5)]
-    assert [i.label for i in load_labelme_file(write_labelme(tmp_path, shapes)).instances] == [
-        "cat ",
-        "Cat",
-        "cat",
-    ]
+    sample = load_warned(write_labelme(tmp_path, shapes))
+    assert [i.label for i in sample.instances] == ["cat", "Cat", "cat"]
+    assert "shape 0" in only_warning(sample) and "'cat '" in only_warning(sample)
+
+
+def test_labels_differing_only_in_case_are_reported_for_the_folder(tmp_path):
+    write_labelme(tmp_path, [square("Cat", 1, 1, 5, 5)], name="a")
+    write_labelme(tmp_path, [square("cat", 1, 1, 5, 5)], name="b")
+    with pytest.warns(LabelMeWarning, match="differ only in case") as record:
+        load_labelme_folder(tmp_path)
+    assert "'Cat' in 1 file(s), e.g. a.json" in str(record[0].message)
+    report = report_labelme_folder(tmp_path)
+    assert len(report.samples) == 2 and any("differ only in case" in w for w in report.warnings)
 
 
 def test_empty_shapes_list_gives_a_sample_without_instances(tmp_path):

@@ -58,10 +58,10 @@ def test_interrupted_run_resumes_to_the_same_place(sample_split, tmp_path, capsy
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
     assert resumed_history[-1]["val_loss"] == pytest.approx(straight_history[-1]["val_loss"], rel=1e-4)
 
-    # the run folder: safe checkpoints and a metrics file
+    # the run folder: safe checkpoints, a metrics file and the settings the run used
     run = tmp_path / "straight"
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [runs.BEST_MODEL_NAME, runs.CHECKPOINT_NAME, runs.METRICS_NAME])
+        [runs.BEST_MODEL_NAME, runs.CHECKPOINT_NAME, runs.METRICS_NAME, runs.TRAIN_SETTINGS_NAME])
     best = torch.load(run / runs.BEST_MODEL_NAME, weights_only=True)
     assert best["class_names"] == CLASSES and best["segm_AP"] >= 0
     header = (run / runs.METRICS_NAME).read_text().splitlines()[0].split(",")

@@ -325,21 +325,19 @@ def test_build_model_sizes_heads_and_input_resolution():
 
 
 def test_build_model_without_weights_says_so_and_never_downloads(tmp_path, monkeypatch, capsys):
-    import torchvision.models._api as weights_api
-
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
 
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network in this test")
 
-    monkeypatch.setattr(weights_api, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     models.build_model(2, image_size=128, pretrained=True, download=True)
     assert "NO PRETRAINED WEIGHTS" in capsys.readouterr().out
 
     def must_not_download(*args, **kwargs):
         pytest.fail("tried to download with download=False")
 
-    monkeypatch.setattr(weights_api, "load_state_dict_from_url", must_not_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", must_not_download)
     models.build_model(2, image_size=128, pretrained=True, download=False)
     assert "downloads are off" in capsys.readouterr().out
 

@@ -1,0 +1,173 @@
+"""A run folder under stress: other data or settings, killed writers, full disks, damaged files."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskrcnn_labelme import download, engine, labelme, models, runs
+import windows_utils
+
+CLASSES = ["background", "student_id"]
+CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def samples():
+    return labelme.load_labelme_folder(download.SAMPLE_DIR)
+
+
+def one_epoch(samples, run_dir, *, lr=1e-4, classes=CLASSES, train=slice(0, 2)):
+    torch.manual_seed(0)
+    model = models.build_model(len(classes), image_size=96, pretrained=False)
+    make = windows_utils.make_dataset
+    train_loader = windows_utils.make_loader(make(samples[train], classes, train=True, image_size=96),
+                                             batch_size=2, train=True, device=CPU, workers=0)
+    val_loader = windows_utils.make_loader(make(samples[2:3], classes, train=False, image_size=96),
+                                           batch_size=1, train=False, device=CPU, workers=0)
+    return engine.fit(model, train_loader, val_loader, run_dir=run_dir, epochs=1, lr=lr, device=CPU,
+                      class_names=classes, progress=False, settings={"image_size": 96})
+
+
+@pytest.fixture(scope="module")
+def finished_run(samples, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    one_epoch(samples, run_dir)
+    return run_dir
+
+
+def test_a_reused_run_folder_with_another_learning_rate_is_not_resumed(samples, finished_run):
+    settings_before = (finished_run / runs.TRAIN_SETTINGS_NAME).read_text()
+    with pytest.raises(ValueError, match=r"lr: 0\.0001 in the checkpoint, 0\.0002 now") as caught:
+        one_epoch(samples, finished_run, lr=2e-4)
+    assert "another RUN_DIR" in str(caught.value)
+    # the settings file still says what the run in this folder really used
+    assert (finished_run / runs.TRAIN_SETTINGS_NAME).read_text() == settings_before
+    assert '"lr": 0.0001' in settings_before and '"image_size": 96' in settings_before
+
+
+def test_other_data_or_classes_are_named_as_the_difference(samples, finished_run):
+    with pytest.raises(ValueError, match="train_files_sha256"):
+        one_epoch(samples, finished_run, train=slice(3, 5))
+    with pytest.raises(ValueError, match="class_names"):
+        one_epoch(samples, finished_run, classes=["background", "card"])
+
+
+def test_resuming_rebuilds_a_missing_metrics_file_and_clears_dead_writers_temp_files(samples, finished_run):
+    (finished_run / runs.METRICS_NAME).unlink()
+    stale = finished_run / ".last_checkpoint.pt.999999-abcdef12.tmp"  # a process that is gone
+    stale.write_bytes(b"half a checkpoint")
+    history = one_epoch(samples, finished_run)
+    assert len(history) == 1
+    assert (finished_run / runs.METRICS_NAME).read_text().count("\n") == 2  # header + one epoch
+    assert not stale.exists()
+
+
+def test_a_write_that_fails_names_the_file_keeps_the_old_one_and_leaves_no_temp(tmp_path):
+    """RLIMIT_FSIZE makes the write fail as a full disk would, halfway through torch.save."""
+    if os.name == "nt":
+        pytest.skip("resource limits are POSIX")
+    target = tmp_path / "last_checkpoint.pt"
+    target.write_bytes(b"the previous checkpoint")
+    code = (
+        "import resource, signal, sys, torch\n"
+        "from maskrcnn_labelme import runs\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
+        "try:\n"
+        f"    runs.save_atomic({{'model': torch.zeros(1 << 20)}}, {str(target)!r})\n"
+        "except runs.WriteError as error:\n"
+        "    print(error)\n"
+        "    sys.exit(3)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 3, result.stderr
+    assert str(target) in result.stdout and "MB are free" in result.stdout
+    assert "untouched" in result.stdout
+    assert target.read_bytes() == b"the previous checkpoint"
+    assert [p.name for p in tmp_path.iterdir()] == ["last_checkpoint.pt"]
+
+
+def test_two_writers_never_share_a_temporary_file(tmp_path):
+    names = {runs.temp_name(tmp_path / "metrics.csv") for _ in range(50)}
+    assert len(names) == 50
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut short", b"not a checkpoint at all"],
+                         ids=["empty", "truncated", "garbage"])
+def test_a_damaged_checkpoint_names_the_file_and_the_fix(tmp_path, content):
+    path = tmp_path / "best_model.pt"
+    path.write_bytes(content)
+    with pytest.raises(runs.ArtifactError) as caught:
+        runs.load_checkpoint(path)
+    message = str(caught.value)
+    assert str(path) in message and "copy it again" in message
+    assert "weights_only=False" not in message
+
+
+def test_a_truncated_real_checkpoint_names_the_file(tmp_path):
+    path = tmp_path / "last_checkpoint.pt"
+    torch.save({"model": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:3000])
+    with pytest.raises(runs.ArtifactError, match="cut short"):
+        runs.load_checkpoint(path)
+
+
+class Sneaky:
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+def test_a_checkpoint_with_code_is_refused_without_unsafe_advice(tmp_path):
+    path = tmp_path / "best_model.pt"
+    torch.save({"model": {}, "extra": Sneaky()}, path)
+    with pytest.raises(runs.ArtifactError) as caught:
+        runs.load_checkpoint(path)
+    message = str(caught.value)
+    assert "refused unread" in message and "unless you made it yourself" in message
+    assert "will likely succeed" not in message  # torch's own advice to switch the check off
+
+
+def test_weights_of_another_class_count_say_so(tmp_path):
+    three = models.build_model(3, image_size=64, pretrained=False)
+    two = models.build_model(2, image_size=64, pretrained=False)
+    with pytest.raises(runs.ArtifactError, match="trained for 3 classes") as caught:
+        runs.load_model_state(two, {"model": three.state_dict()}, tmp_path / "best_model.pt")
+    assert "best_model.pt" in str(caught.value) and "has 2 classes" in str(caught.value)
+
+
+def test_a_damaged_settings_file_names_itself_and_the_notebook(tmp_path):
+    (tmp_path / runs.MODEL_SETTINGS_NAME).write_text('{"image_size": 5')
+    with pytest.raises(runs.ArtifactError, match="02_model_setup") as caught:
+        runs.read_artifact(tmp_path, runs.MODEL_SETTINGS_NAME, "02_model_setup")
+    assert runs.MODEL_SETTINGS_NAME in str(caught.value) and "damaged" in str(caught.value)
+
+
+def test_a_photo_in_two_splits_is_refused(tmp_path):
+    runs.write_json_atomic(tmp_path / runs.MANIFEST_NAME, {
+        "data_dir": str(download.SAMPLE_DIR), "class_names": CLASSES,
+        "splits": {"train": ["10001", "10002"], "val": ["10003"], "test": ["10002"]}})
+    with pytest.raises(runs.ArtifactError, match="10002 in both 'train' and 'test'"):
+        runs.load_manifest(tmp_path)
+
+
+def test_each_data_folder_gets_its_own_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "RUNS_DIR", tmp_path / "runs")
+    (tmp_path / "a" / "cards").mkdir(parents=True)
+    (tmp_path / "b" / "cards").mkdir(parents=True)
+    first, second = (runs.default_run_dir(False, tmp_path / p / "cards") for p in "ab")
+    assert first != second and first.name.startswith("cards-") and second.name.startswith("cards-")
+    assert runs.default_run_dir(False) == tmp_path / "runs" / "student-id"
+    assert runs.default_run_dir(True, tmp_path / "a" / "cards") == tmp_path / "runs" / "smoke"
+    # notebook 01 notes the folder; notebooks 02-06 then find it
+    assert runs.latest_run_dir(False) == tmp_path / "runs" / "student-id"
+    runs.remember_run_dir(first, smoke=False)
+    assert runs.latest_run_dir(False) == first
+    assert runs.latest_run_dir(True) == tmp_path / "runs" / "smoke"
