@@ -16,6 +16,7 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TUTORIAL_SMOKE"] = "1"
     # A learner's own data folder must not leak into the stored-output comparison.
     os.environ.pop("TUTORIAL_DATA_DIR", None)
+    os.environ.pop("TUTORIAL_RUNS_DIR", None)  # a Colab-style run folder elsewhere
     # Notebook 04 resumes from a checkpoint it finds: start every test session from scratch so
     # the notebooks run exactly as in a fresh clone.
     shutil.rmtree(SMOKE_RUN, ignore_errors=True)

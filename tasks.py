@@ -1,23 +1,31 @@
 #!/usr/bin/env python3
 """Set up and run the tutorial series with one command (Linux, macOS, Windows).
 
-    python3 tasks.py tutorial   # set up, then run every notebook in order (full profile)
-    python3 tasks.py test       # set up, then run the test suite (smoke profile, nbval)
-    python3 tasks.py lab        # set up, then open JupyterLab on the notebooks
-    python3 tasks.py execute    # developers: re-run the notebooks in the smoke profile in place,
-                                # refreshing the outputs that nbval compares against
+    python3 tasks.py tutorial             # set up, then run every notebook in order (full profile)
+    python3 tasks.py tutorial --smoke     # the same on the embedded sample, in a few minutes
+    python3 tasks.py test                 # set up, then run the test suite (smoke profile, nbval)
+    python3 tasks.py test -- -k labelme   # ... with extra pytest arguments after "--"
+    python3 tasks.py lab                  # set up, then open JupyterLab on the notebooks
+    python3 tasks.py execute              # developers: re-run the notebooks in the smoke profile
+                                          # in place, refreshing the outputs nbval compares with
+    python3 tasks.py set-repo URL         # write the repository's address everywhere it is used
+    python3 tasks.py classroom-kit DIR    # online, once: everything an offline room needs, in DIR
 
 "Set up" means: a virtual environment in .venv (made with the Python that runs this script),
 torch/torchvision at the tested versions, and this project installed in editable mode with its
 test extras. It is skipped when pyproject.toml has not changed since the last set-up, and with
 --no-venv the current interpreter is used as it is (conda users: activate the environment from
-environment.yml first).
+environment.yml first). With a classroom kit (--kit DIR, or a folder classroom-kit/ in the
+project), everything is installed from the kit's wheels, without the network, and the kit's
+dataset and COCO weights are put in place first.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +36,11 @@ ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 TORCH_PAIR = ["torch==2.14.1", "torchvision==0.29.1"]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+DEFAULT_KIT = ROOT / "classroom-kit"
+PLACEHOLDER_REPO = "https://github.com/OWNER/maskrcnn-labelme-tutorial"
+# The one place the address is written: pyproject.toml [project.urls] Repository
+REPO_LINE = re.compile(r'^Repository = "(?P<url>[^"]*)"$', re.M)
+COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
 
 
 def venv_python() -> Path:
@@ -40,8 +53,20 @@ def run(cmd: list[str | Path], **kwargs) -> None:
     subprocess.run([str(part) for part in cmd], check=True, cwd=ROOT, **kwargs)
 
 
-def set_up(use_venv: bool) -> Path:
+# ---- set-up ----------------------------------------------------------------------------------
+
+
+def pip_install_command(python: Path, kit: Path | None, *requirements: str) -> list[str | Path]:
+    """pip install, from the kit's wheelhouse alone when there is a kit (no network needed)."""
+    offline = ["--no-index", "--find-links", kit / "wheels"] if kit else []
+    return [python, "-m", "pip", "install", "--disable-pip-version-check", *offline, *requirements]
+
+
+def set_up(use_venv: bool, kit: Path | None = None) -> Path:
     """Return the interpreter to use, installing what is missing."""
+    if kit and not (kit / "wheels").is_dir():
+        raise SystemExit(f"{kit} is not a classroom kit (no wheels/ folder): make one with "
+                         "python3 tasks.py classroom-kit DIR on a machine with internet access")
     if not use_venv:
         return Path(sys.executable)
     python = venv_python()
@@ -52,20 +77,29 @@ def set_up(use_venv: bool) -> Path:
     if stamp.exists() and stamp.read_text().strip() == wanted:
         return python
     # torch first and on its own, so pip never swaps it for another build while resolving the rest
-    run([python, "-m", "pip", "install", "--disable-pip-version-check", *TORCH_PAIR])
-    run([python, "-m", "pip", "install", "--disable-pip-version-check", "-e", ".[test]"])
+    run(pip_install_command(python, kit, *TORCH_PAIR))
+    run(pip_install_command(python, kit, "-e", ".[test]"))
     stamp.write_text(wanted)
     return python
 
 
-def execute_notebooks(python: Path, smoke: bool, in_place: bool) -> None:
-    """Run each notebook top to bottom in a fresh kernel, in order (later ones read earlier
-    ones' artifacts). In place for the smoke profile; full runs go to runs/executed/."""
+# ---- running the notebooks and the tests -----------------------------------------------------
+
+
+def notebook_env(smoke: bool) -> dict[str, str]:
+    """The environment the notebooks run in: the smoke switch on or off."""
     env = dict(os.environ)
     if smoke:
         env["TUTORIAL_SMOKE"] = "1"
     else:
         env.pop("TUTORIAL_SMOKE", None)
+    return env
+
+
+def execute_notebooks(python: Path, smoke: bool, in_place: bool) -> None:
+    """Run each notebook top to bottom in a fresh kernel, in order (later ones read earlier
+    ones' artifacts). In place for the smoke profile; full runs go to runs/executed/."""
+    env = notebook_env(smoke)
     out_dir = ROOT / "runs" / "executed"
     if smoke:  # as in a fresh clone: notebook 04 would otherwise resume an earlier smoke run
         shutil.rmtree(ROOT / "runs" / "smoke", ignore_errors=True)
@@ -82,16 +116,118 @@ def execute_notebooks(python: Path, smoke: bool, in_place: bool) -> None:
         print(f"Executed notebooks are in {out_dir.relative_to(ROOT)}/")
 
 
-def main() -> int:
+# ---- the repository's address ----------------------------------------------------------------
+
+
+def repo_url() -> str:
+    return REPO_LINE.search((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["url"]
+
+
+def colab_link(url: str, notebook: str) -> str:
+    """The address that opens `notebook` of the GitHub repository `url` in Google Colab."""
+    return f"https://colab.research.google.com/github/{url.removeprefix('https://github.com/')}/blob/main/notebooks/{notebook}"
+
+
+def badge(url: str, notebook: str) -> str:
+    return f"[![Open In Colab]({COLAB_BADGE})]({colab_link(url, notebook)})"
+
+
+def set_repo(url: str) -> list[Path]:
+    """Write `url` into pyproject.toml, every notebook's set-up cell and Colab badge, and the
+    README's notebook table. Returns the files changed."""
+    if not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url):
+        raise SystemExit(f"set-repo needs a GitHub address like https://github.com/you/repo, got {url!r}")
+    changed = []
+    pyproject = ROOT / "pyproject.toml"
+    text = REPO_LINE.sub(f'Repository = "{url}"', pyproject.read_text(encoding="utf-8"))
+    changed += _write_if_changed(pyproject, text)
+    for notebook in NOTEBOOKS:
+        data = json.loads(notebook.read_text(encoding="utf-8"))
+        for cell in data["cells"]:
+            source = "".join(cell["source"])
+            new = re.sub(r'^REPO_URL = "[^"]*"', f'REPO_URL = "{url}"', source, flags=re.M)
+            new = re.sub(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)", badge(url, notebook.name), new)
+            if new != source:
+                lines = new.split("\n")
+                cell["source"] = [line + "\n" for line in lines[:-1]] + [lines[-1]]
+        changed += _write_if_changed(notebook, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    readme = ROOT / "README.md"
+    text = readme.read_text(encoding="utf-8")
+    for notebook in NOTEBOOKS:
+        text = re.sub(rf"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*/{re.escape(notebook.name)}\)",
+                      badge(url, notebook.name), text)
+    changed += _write_if_changed(readme, text)
+    return changed
+
+
+def _write_if_changed(path: Path, text: str) -> list[Path]:
+    if path.read_text(encoding="utf-8") == text:
+        return []
+    path.write_text(text, encoding="utf-8")
+    return [path]
+
+
+# ---- the offline classroom kit ----------------------------------------------------------------
+
+
+def make_kit(python: Path, kit: Path, platform: str | None, python_version: str | None) -> None:
+    """Fetch, once and online, what a room of offline machines needs into `kit`: the full dataset
+    archive and the COCO weights (maskrcnn_labelme.kit), and a wheelhouse of every package for the
+    class's platform."""
+    run([python, "-m", "maskrcnn_labelme.kit", "make", kit])
+    target = []
+    if platform or python_version:  # the room's machines differ from this one
+        target = ["--only-binary=:all:", *(["--platform", platform] if platform else []),
+                  *(["--python-version", python_version] if python_version else [])]
+    run([python, "-m", "pip", "download", "--disable-pip-version-check", "-d", kit / "wheels",
+         *target, *TORCH_PAIR, ".[test]"])
+    print(f"Classroom kit ready in {kit}: copy the folder to each machine, as classroom-kit/ in "
+          "the project (or anywhere, then: python3 tasks.py tutorial --kit PATH).")
+
+
+def find_kit(explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit).resolve()
+    return DEFAULT_KIT if (DEFAULT_KIT / "wheels").is_dir() else None
+
+
+# ---- command line ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("command", choices=["setup", "tutorial", "test", "lab", "execute"])
+    parser.add_argument("command", choices=["setup", "tutorial", "test", "lab", "execute", "set-repo",
+                                            "classroom-kit"])
+    parser.add_argument("target", nargs="?", help="set-repo: the GitHub address; classroom-kit: the folder")
     parser.add_argument("--no-venv", action="store_true", help="use the current interpreter as it is")
     parser.add_argument("--smoke", action="store_true", help="tutorial: run the tiny smoke profile")
-    parser.add_argument("extra", nargs=argparse.REMAINDER, help="test: extra pytest arguments")
-    args = parser.parse_args()
+    parser.add_argument("--kit", help="install and run offline from this classroom kit")
+    parser.add_argument("--platform", help="classroom-kit: the room's pip platform, e.g. win_amd64")
+    parser.add_argument("--python-version", help="classroom-kit: the room's Python, e.g. 3.11")
+    # everything after "--" goes to pytest (argparse.REMAINDER would swallow --smoke and the rest)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    args.extra = extra
+    if args.command in ("set-repo", "classroom-kit") and not args.target:
+        parser.error(f"{args.command} needs an argument")
+    return args
 
-    python = set_up(use_venv=not args.no_venv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "set-repo":
+        for path in set_repo(args.target):
+            print(f"updated {path.relative_to(ROOT)}")
+        return 0
+    kit = None if args.command == "classroom-kit" else find_kit(args.kit)
+    python = set_up(use_venv=not args.no_venv, kit=kit)
     try:
+        if args.command == "classroom-kit":
+            make_kit(python, Path(args.target).resolve(), args.platform, args.python_version)
+            return 0
+        if kit:  # the dataset and the COCO weights where the notebooks look for them
+            run([python, "-m", "maskrcnn_labelme.kit", "place", kit])
         if args.command == "tutorial":
             execute_notebooks(python, smoke=args.smoke, in_place=False)
         elif args.command == "execute":

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
@@ -129,16 +129,19 @@ def default_workers() -> int:
 
 
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
-                workers: int | None = None, seed: int = 0) -> DataLoader:
+                workers: int | None = None, seed: int = 0, sampler: Sampler | None = None) -> DataLoader:
     """A DataLoader for detection: shuffled with its own seeded generator when training, pinned
     memory on CUDA (page-locked host memory, copied to the GPU without an extra staging copy),
-    workers kept alive between epochs."""
+    workers kept alive between epochs. A `sampler` (one process's share under torchrun, see
+    ``maskrcnn_labelme.distributed``) replaces the shuffling."""
     workers = default_workers() if workers is None else workers
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train,
-        drop_last=train and len(dataset) > batch_size,  # a batch of one destabilises BatchNorm
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        # a batch of one destabilises BatchNorm (a sampler holds this process's share)
+        drop_last=train and len(dataset if sampler is None else sampler) > batch_size,
         num_workers=workers,
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",

@@ -45,9 +45,10 @@ def check_checkout(root: str) -> None:
         )
 
 
-# The oldest torchvision this series runs on, and the torch it pairs with. Checked from the
-# installed packages' metadata, so this costs no import of torch.
-MIN_TORCHVISION = (0, 16)
+# The oldest torchvision this series runs on: draw_bounding_boxes(fill_labels=...) arrived in 0.23
+# (torch 2.8). Checked from the installed packages' metadata, so this costs no import of torch.
+MIN_TORCHVISION = (0, 23)
+TESTED = "torch 2.14.1 / torchvision 0.29.1, and Colab's torch 2.11 / torchvision 0.26"
 
 
 def _check_versions() -> None:
@@ -61,8 +62,9 @@ def _check_versions() -> None:
     if tuple(int(part) for part in re.findall(r"\d+", installed)[:2]) < MIN_TORCHVISION:
         raise ImportError(
             f"torchvision {installed} is too old for this tutorial, which needs torchvision "
-            f"{'.'.join(map(str, MIN_TORCHVISION))} or newer. Fix: pip install torch==2.14.1 "
-            "torchvision==0.29.1 (on Colab: upgrade, then restart the runtime)."
+            f"{'.'.join(map(str, MIN_TORCHVISION))} or newer (tested: {TESTED}). Fix: pip install "
+            "torch==2.14.1 torchvision==0.29.1 (on Colab: pip install -U torch torchvision, then "
+            "Runtime > Restart session)."
         )
 
 

@@ -19,7 +19,7 @@ import torch
 
 from .devices import autocast
 
-__all__ = ["METRIC_NAMES", "coco_annotation", "coco_ap", "evaluate_coco"]
+__all__ = ["METRIC_NAMES", "coco_annotation", "coco_ap", "evaluate_coco", "image_records", "score_records"]
 
 METRIC_NAMES = tuple(f"{kind}_{name}" for kind in ("bbox", "segm") for name in ("AP", "AP50", "AP75"))
 
@@ -70,6 +70,44 @@ def coco_ap(images: list[dict], truths: list[dict], detections: list[dict],
 
 
 @torch.no_grad()
+def image_records(model, loader, device, *, progress: bool = True, mask_threshold: float = 0.5
+                  ) -> list[dict[str, Any]]:
+    """One record per image of `loader`, in order: its size, its annotations ("truths") and the
+    model's detections, in COCO's format but without ids (``score_records`` numbers them).
+
+    Plain data (run-length encoded masks), small enough to gather from several processes.
+    """
+    from tqdm.auto import tqdm
+
+    model.eval()
+    records = []
+    for images, targets in tqdm(loader, desc="COCO evaluation", leave=False, disable=not progress):
+        with autocast(device):
+            outputs = model([image.to(device) for image in images])
+        for image, target, output in zip(images, targets, outputs):
+            height, width = image.shape[-2:]
+            truths = [coco_annotation(mask, box, label) for mask, box, label in zip(
+                target["masks"].numpy(), target["boxes"].tolist(), target["labels"].tolist())]
+            masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy()
+            detections = [{**coco_annotation(mask, box, label), "score": score}
+                          for mask, box, label, score in zip(masks, output["boxes"].float().tolist(),
+                                                             output["labels"].tolist(),
+                                                             output["scores"].float().tolist())]
+            records.append({"height": height, "width": width, "truths": truths, "detections": detections})
+    return records
+
+
+def score_records(records: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
+    """``coco_ap`` of ``image_records``' records: images numbered 1, 2, ... in the given order."""
+    images_info, truths, detections = [], [], []
+    for image_id, record in enumerate(records, start=1):
+        images_info.append({"id": image_id, "height": record["height"], "width": record["width"]})
+        for truth in record["truths"]:
+            truths.append({**truth, "image_id": image_id, "iscrowd": 0, "id": len(truths) + 1})
+        detections.extend({**detection, "image_id": image_id} for detection in record["detections"])
+    return coco_ap(images_info, truths, detections, class_names)
+
+
 def evaluate_coco(model, loader, device, class_names: Sequence[str], *, progress: bool = True,
                   mask_threshold: float = 0.5) -> dict[str, float]:
     """COCO box and mask AP of `model` on `loader`, computed by pycocotools.
@@ -77,26 +115,7 @@ def evaluate_coco(model, loader, device, class_names: Sequence[str], *, progress
     Images are evaluated at the size the validation recipe produces (the model's training
     size); a detection's soft mask is cut at `mask_threshold`. Returns bbox_AP, bbox_AP50,
     bbox_AP75, segm_AP, segm_AP50, segm_AP75 (0-1; -1 when there is nothing to evaluate).
+    Under torchrun, ``distributed.evaluate_coco`` runs it over the processes' shares of a split.
     """
-    from tqdm.auto import tqdm
-
-    model.eval()
-    images_info, truths, detections = [], [], []
-    for images, targets in tqdm(loader, desc="COCO evaluation", leave=False, disable=not progress):
-        with autocast(device):
-            outputs = model([image.to(device) for image in images])
-        for image, target, output in zip(images, targets, outputs):
-            image_id = len(images_info) + 1
-            height, width = image.shape[-2:]
-            images_info.append({"id": image_id, "height": height, "width": width})
-            for mask, box, label in zip(target["masks"].numpy(), target["boxes"].tolist(),
-                                        target["labels"].tolist()):
-                truths.append({**coco_annotation(mask, box, label), "image_id": image_id,
-                               "iscrowd": 0, "id": len(truths) + 1})
-            masks = (output["masks"][:, 0] > mask_threshold).cpu().numpy()
-            for mask, box, label, score in zip(masks, output["boxes"].float().tolist(),
-                                               output["labels"].tolist(),
-                                               output["scores"].float().tolist()):
-                detections.append({**coco_annotation(mask, box, label), "image_id": image_id,
-                                   "score": score})
-    return coco_ap(images_info, truths, detections, class_names)
+    records = image_records(model, loader, device, progress=progress, mask_threshold=mask_threshold)
+    return score_records(records, class_names)

@@ -22,7 +22,7 @@ from .runs import DATA_DIR_ENV, PROJECT_ROOT, remove_stale_temp, show_path
 
 __all__ = [
     "DATASET_COMMIT", "DATASET_SUBDIR", "DATASET_URL", "DATA_CACHE", "SAMPLE_DIR", "DownloadError",
-    "download_student_id", "get_dataset_dir",
+    "download_student_id", "fetch", "get_dataset_dir",
 ]
 
 SAMPLE_DIR = PROJECT_ROOT / "data" / "student-id-sample"
@@ -88,7 +88,7 @@ _DOWNLOAD_FAULTS = (OSError, http.client.HTTPException, zipfile.BadZipFile, zlib
                     RuntimeError, ValueError)
 
 
-def _fetch(url: str, archive: Path, timeout: float) -> None:
+def fetch(url: str, archive: Path, timeout: float = 30, desc: str = "student-id dataset") -> None:
     """Stream `url` into `archive` with a progress bar; a body shorter than its Content-Length
     is a failure (http.client returns it without complaint when the connection drops)."""
     from tqdm.auto import tqdm
@@ -97,7 +97,7 @@ def _fetch(url: str, archive: Path, timeout: float) -> None:
         length = response.headers.get("Content-Length", "")
         total = int(length) if length.strip().isdigit() else None
         received = 0
-        with tqdm(total=total, unit="B", unit_scale=True, desc="student-id dataset") as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
             while chunk := response.read(1 << 16):
                 out.write(chunk)
                 received += len(chunk)
@@ -167,7 +167,7 @@ def download_student_id(dest: Path, url: str = DATASET_URL, timeout: float = 30)
         tmp.mkdir()
         try:
             archive = tmp / "dataset.zip"
-            _fetch(url, archive, timeout)
+            fetch(url, archive, timeout)
             staging = tmp / "student-id"
             staging.mkdir()
             count = _extract(archive, staging, url)

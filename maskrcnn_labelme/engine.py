@@ -2,7 +2,8 @@
 
 ``fit`` is what notebook 04 calls: AdamW with a one-cycle learning rate, mixed precision where
 the GPU supports it, COCO AP after each epoch, the best model kept by validation mask AP, and an
-atomic checkpoint of everything needed to resume after an interruption.
+atomic checkpoint of everything needed to resume after an interruption. Under torchrun the same
+``fit`` trains with DistributedDataParallel (see ``distributed``: what is shared, who writes).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .coco_eval import evaluate_coco
+from . import distributed
 from .devices import autocast, grad_scaler
 from .models import prepare_for_training
 from .runs import (BEST_MODEL_NAME, CHECKPOINT_NAME, METRICS_NAME, TRAIN_SETTINGS_NAME, atomic_write,
@@ -142,6 +143,7 @@ def validation_loss(model, loader, device) -> float:
 
 
 def _rng_state() -> dict[str, Any]:
+    # (per process: under torchrun the checkpoint keeps every rank's, see fit)
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -209,7 +211,8 @@ def _check_same_run(path: Path, state: Mapping[str, Any], run: Mapping[str, Any]
 def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: int, lr: float,
         device: torch.device, class_names: Sequence[str], eval_every: int = 1,
         settings: Mapping[str, Any] | None = None, progress: bool = True, seed: int = 0,
-        on_step: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+        on_step: Callable[[int], None] | None = None, stop_after: int | None = None
+        ) -> list[dict[str, float]]:
     """Train with AdamW + OneCycleLR, resuming from the run folder's last checkpoint if present.
 
     Each epoch: train, validation loss (BatchNorm-safe), COCO AP every `eval_every` epochs and on
@@ -221,12 +224,23 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
 
     Resuming is exact with `num_workers=0` (the RNG states are restored); with worker processes
     the augmentations of the resumed epochs are drawn anew, which does not matter for training.
+    ``stop_after`` ends this call once that many epochs of `epochs` are done, leaving the
+    checkpoint to resume from (for jobs with a time limit); the run is still one of `epochs`.
+
+    Under torchrun (a process group with several processes) the loaders must hold each
+    process's share (``distributed.make_loaders``): the model trains wrapped in
+    DistributedDataParallel, the training sampler is reseeded each epoch, losses and COCO AP
+    cover the whole split, every process resumes from the checkpoint, and only rank 0 writes
+    files and shows progress while the others wait at a barrier.
     """
     from tqdm.auto import tqdm
 
+    main, world = distributed.is_main(), distributed.world_size()
+    progress = progress and main
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp(run_dir)  # what a killed writer left behind
+    if main:
+        remove_stale_temp(run_dir)  # what a killed writer left behind
     prepare_for_training(model, device)
     optimizer, scheduler = make_optimizer(model, lr, epochs * len(train_loader))
     scaler = grad_scaler(device)
@@ -235,7 +249,8 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
                           settings=settings)
 
     checkpoint_path = run_dir / CHECKPOINT_NAME
-    if checkpoint_path.is_file():
+    if distributed.all_agree(checkpoint_path.is_file(), f"Some processes find {checkpoint_path} and "
+                             "some do not: the run folder must be one folder that every machine sees."):
         state = load_checkpoint(checkpoint_path, device)
         _check_same_run(checkpoint_path, state, run)
         load_model_state(model, state, checkpoint_path)
@@ -243,44 +258,67 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        _set_rng_state(state["rng"])
+        ranks_rng = state.get("rng_ranks") or []  # each process's own, when as many processes
+        _set_rng_state(ranks_rng[distributed.rank()] if len(ranks_rng) == world else state["rng"])
         start_epoch, global_step = state["epoch"], state["global_step"]
         best_ap, history = state["best_segm_AP"], list(state["history"])
-        _write_metrics(run_dir, history)  # a run killed before its metrics file was written
-        print(f"Resuming from {show_path(checkpoint_path)}: {start_epoch} of {epochs} epochs done.")
+        if main:
+            _write_metrics(run_dir, history)  # a run killed before its metrics file was written
+            print(f"Resuming from {show_path(checkpoint_path)}: {start_epoch} of {epochs} epochs done.")
         if start_epoch >= epochs:
             return history
-    write_json_atomic(run_dir / TRAIN_SETTINGS_NAME, {**run, "device": str(device)})
+    if main:
+        write_json_atomic(run_dir / TRAIN_SETTINGS_NAME, {**run, "device": str(device)})
+    trainer = distributed.wrap(model, device)  # DistributedDataParallel under torchrun
 
-    for epoch in tqdm(range(start_epoch, epochs), desc="epochs", disable=not progress,
+    last = epochs if stop_after is None else max(start_epoch, min(epochs, stop_after))
+    for epoch in tqdm(range(start_epoch, last), desc="epochs", disable=not progress,
                       initial=start_epoch, total=epochs):
         started = time.perf_counter()
         if getattr(train_loader, "generator", None) is not None:
             # the shuffle order depends only on (seed, epoch), so a resumed run sees the same order
-            train_loader.generator.manual_seed(seed + epoch)
+            # (under torchrun the worker seeds differ by rank: each process augments its own way)
+            train_loader.generator.manual_seed((seed + epoch) * world + distributed.rank())
+        if hasattr(train_loader.sampler, "set_epoch"):  # DistributedSampler: reshuffle by epoch
+            train_loader.sampler.set_epoch(epoch)
         losses, global_step = train_one_epoch(
-            model, train_loader, optimizer, scheduler, scaler, device, epoch=epoch,
+            trainer, train_loader, optimizer, scheduler, scaler, device, epoch=epoch,
             on_step=on_step, progress=progress, global_step=global_step,
         )
+        distributed.sync_buffers(model)  # every process evaluates the model rank 0 saves
         row = {"epoch": epoch + 1, "step": global_step, "lr": scheduler.get_last_lr()[0],
-               **{f"train_{k}": v for k, v in losses.items()},
-               "val_loss": validation_loss(model, val_loader, device)}
+               **{f"train_{k}": v for k, v in distributed.mean_over_ranks(losses).items()},
+               **distributed.mean_over_ranks({"val_loss": validation_loss(model, val_loader, device)},
+                                             weight=len(val_loader))}
         if (epoch + 1) % eval_every == 0 or epoch + 1 == epochs:
-            row.update(evaluate_coco(model, val_loader, device, class_names, progress=progress))
+            row.update(distributed.evaluate_coco(model, val_loader, device, class_names, progress=progress))
         row["seconds"] = time.perf_counter() - started
         history.append(row)
-        _write_metrics(run_dir, history)  # first: a run is never without the metrics it has
-        if row.get("segm_AP", -math.inf) > best_ap:
-            best_ap = row["segm_AP"]
-            save_atomic({"model": model.state_dict(), "class_names": list(class_names),
-                         "epoch": epoch + 1, "segm_AP": best_ap}, run_dir / BEST_MODEL_NAME)
-        save_atomic({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {},
-            "epoch": epoch + 1, "global_step": global_step, "epochs": epochs,
-            "steps_per_epoch": len(train_loader), "best_segm_AP": best_ap, "history": history,
-            "rng": _rng_state(), "run": run,
-        }, checkpoint_path)
+        ranks_rng = distributed.gather_to_main(_rng_state())
+        if main:
+            _write_checkpoints(run_dir, model, optimizer, scheduler, scaler, history, best_ap, {
+                "epoch": epoch + 1, "global_step": global_step, "epochs": epochs,
+                "steps_per_epoch": len(train_loader), "rng": ranks_rng[0], "run": run,
+                **({"rng_ranks": ranks_rng} if world > 1 else {}),
+            }, class_names)
+        best_ap = max(best_ap, row.get("segm_AP", -math.inf))
+        distributed.barrier()  # the others wait for rank 0's files
     return history
+
+
+def _write_checkpoints(run_dir: Path, model, optimizer, scheduler, scaler, history, best_ap: float,
+                       extra: Mapping[str, Any], class_names: Sequence[str]) -> None:
+    """The metrics file, then the best model if this epoch beat `best_ap`, then the checkpoint."""
+    row = history[-1]
+    _write_metrics(run_dir, history)  # first: a run is never without the metrics it has
+    if row.get("segm_AP", -math.inf) > best_ap:
+        best_ap = row["segm_AP"]
+        save_atomic({"model": model.state_dict(), "class_names": list(class_names),
+                     "epoch": row["epoch"], "segm_AP": best_ap}, run_dir / BEST_MODEL_NAME)
+    save_atomic({
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "best_segm_AP": best_ap, "history": history, **extra,
+    }, run_dir / CHECKPOINT_NAME)
 

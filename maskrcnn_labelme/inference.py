@@ -21,10 +21,10 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from . import pixels
+from . import artifacts, download, pixels, runs
 from .draw import draw_instances
 from .models import build_model
-from .runs import BEST_MODEL_NAME, MODEL_SETTINGS_NAME, load_checkpoint, read_artifact, write_json_atomic
+from .runs import BEST_MODEL_NAME, load_checkpoint, write_json_atomic
 
 __all__ = [
     "load_trained_model", "mask_to_polygons", "predict", "predict_folder", "prediction_to_labelme",
@@ -32,15 +32,57 @@ __all__ = [
 ]
 
 
-def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = "cpu"
+def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = "cpu", *,
+                       checkpoint: os.PathLike | str | None = None, smoke: bool = False
                        ) -> tuple[torch.nn.Module, list[str]]:
-    """The best checkpoint of a run (notebook 04), ready for inference, and its class names."""
-    settings = read_artifact(run_dir, MODEL_SETTINGS_NAME, "02_model_setup")
-    checkpoint = load_checkpoint(Path(run_dir) / BEST_MODEL_NAME, device)
-    model = build_model(len(checkpoint["class_names"]), image_size=settings["image_size"],
-                        pretrained=False)
-    model.load_state_dict(checkpoint["model"])
-    return model.to(device).eval(), list(checkpoint["class_names"])
+    """The best checkpoint of a run (notebook 04), ready for inference, and its class names.
+
+    ``checkpoint`` points elsewhere than the run folder's best_model.pt: a file, or an http(s)
+    address of one (downloaded into the run folder once). Either way it is read with
+    ``weights_only=True`` and must hold the classes of this run's manifest. The model settings
+    are rebuilt from notebook 02's defaults when missing (see ``artifacts``); a checkpoint cannot
+    be rebuilt, so a missing one stops with what to do.
+    """
+    run_dir = Path(run_dir)
+    settings = artifacts.model_settings_or_rebuild(run_dir, smoke)
+    path = _checkpoint_path(run_dir, checkpoint)
+    state = load_checkpoint(path, device)
+    class_names = list(state.get("class_names", []))
+    expected = runs.load_manifest(run_dir)["class_names"]
+    if class_names != expected:
+        raise runs.ArtifactError(
+            f"{runs.show_path(path)} was trained for the classes {class_names}, but this run's "
+            f"manifest lists {expected}. Use the checkpoint of a run on this dataset.")
+    model = build_model(len(class_names), image_size=settings["image_size"], pretrained=False)
+    runs.load_model_state(model, state, path)
+    return model.to(device).eval(), class_names
+
+
+def _checkpoint_path(run_dir: Path, checkpoint: os.PathLike | str | None) -> Path:
+    own = run_dir / BEST_MODEL_NAME
+    if checkpoint is None:
+        if not own.is_file():
+            raise FileNotFoundError(
+                f"{runs.show_path(own)} does not exist: there is no trained model for this run yet. "
+                "Run notebook 04 with the same run folder first (on Colab, with USE_DRIVE on, so "
+                "the folder outlives the runtime), or set CHECKPOINT in the settings cell to a "
+                "trained best_model.pt: a path, or an https:// address to download it from.")
+        return own
+    text = str(checkpoint)
+    if not text.startswith(("http://", "https://")):
+        if not Path(text).expanduser().is_file():
+            raise FileNotFoundError(f"CHECKPOINT points to {text}, which is not a file.")
+        return Path(text).expanduser()
+    if not own.is_file():
+        partial = runs.temp_name(own)
+        try:
+            download.fetch(text, partial, timeout=60, desc=BEST_MODEL_NAME)
+            load_checkpoint(partial)  # a damaged or foreign file never becomes best_model.pt
+            partial.replace(own)
+        finally:
+            partial.unlink(missing_ok=True)
+        print(f"Downloaded {text} to {runs.show_path(own)}")
+    return own
 
 
 def working_size(model: torch.nn.Module, width: int, height: int) -> tuple[int, int]:

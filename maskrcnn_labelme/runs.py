@@ -28,7 +28,7 @@ from . import labelme
 
 __all__ = [
     "BEST_MODEL_NAME", "CHECKPOINT_NAME", "DATA_DIR_ENV", "LAST_RUN_NAME", "MANIFEST_NAME",
-    "METRICS_NAME", "MODEL_SETTINGS_NAME", "PROJECT_ROOT", "RUNS_DIR", "SMOKE_ENV",
+    "METRICS_NAME", "MODEL_SETTINGS_NAME", "PROJECT_ROOT", "RUNS_DIR", "RUNS_DIR_ENV", "SMOKE_ENV",
     "TEST_METRICS_NAME", "TRAIN_SETTINGS_NAME", "ArtifactError", "atomic_write", "default_run_dir",
     "latest_run_dir", "load_checkpoint", "load_manifest", "load_model_state", "manifest_samples",
     "read_artifact", "remember_run_dir", "remove_stale_temp", "save_atomic", "show_path",
@@ -37,7 +37,9 @@ __all__ = [
 ]
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-RUNS_DIR = PROJECT_ROOT / "runs"
+# On Colab the set-up cell points this at Google Drive, so a run outlives the runtime.
+RUNS_DIR_ENV = "TUTORIAL_RUNS_DIR"
+RUNS_DIR = Path(os.environ.get(RUNS_DIR_ENV) or PROJECT_ROOT / "runs")
 
 SMOKE_ENV = "TUTORIAL_SMOKE"
 DATA_DIR_ENV = "TUTORIAL_DATA_DIR"

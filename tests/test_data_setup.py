@@ -141,7 +141,7 @@ def test_an_old_torchvision_gets_a_plain_fix(tmp_path):
     import sys
 
     code = ("import importlib.metadata as m; real = m.version; "
-            "m.version = lambda name: '0.15.2' if name == 'torchvision' else real(name); "
+            "m.version = lambda name: '0.22.1' if name == 'torchvision' else real(name); "
             "import maskrcnn_labelme")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             cwd=runs.PROJECT_ROOT)
