@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
+from maskrcnn_labelme import labelme
 from maskrcnn_labelme.augment import Recipe, build_transforms
 from maskrcnn_labelme.labelme import LabelMeError, LabelMeSample, load_labelme_folder  # noqa: F401
 from maskrcnn_labelme.pixels import check_max_side
@@ -118,8 +119,11 @@ def collate_detection(batch: Sequence[tuple[Any, ...]]) -> tuple[tuple[Any, ...]
 
 
 def make_dataset(samples: Sequence[LabelMeSample], class_names: Sequence[str], *, train: bool,
-                 image_size: int) -> LabelMeDataset:
-    """A LabelMeDataset with the train or validation recipe at `image_size`."""
+                 image_size: int, negative_share: float | None = None, seed: int = 0) -> LabelMeDataset:
+    """A LabelMeDataset with the train or validation recipe at `image_size`. Files without objects
+    (negatives) are samples with empty targets; `negative_share` caps their fraction of the
+    dataset, leaving a seeded random choice of the extra ones out (None: keep all)."""
+    samples = labelme.keep_negative_share(samples, negative_share, seed)
     return LabelMeDataset(samples, class_names, transforms=build_transforms(train=train, size=image_size))
 
 

@@ -16,6 +16,12 @@ One module per responsibility, in the order the notebooks need them:
 - ``coco_eval``  COCO box and mask AP with pycocotools (04)
 - ``inference``  predictions on photos, LabelMe files from predictions (05)
 - ``export``     ONNX export and the parity check against PyTorch (06)
+- ``artifacts``  the manifest and model settings, rebuilt when missing (02-06)
+- ``train``      notebook 04 as a command, on one process or many under torchrun
+- ``distributed`` process group, sampler and gathering for DistributedDataParallel
+- ``kit``        the offline classroom kit
+- ``diagnose``   AP per class and size, confusion matrix, galleries, threshold sweep, relabelling (07)
+- ``coco_export`` the split as COCO instance files
 
 The dataset, its collate function and the loader factory live in the top-level
 ``windows_utils.py``, which spawn-started DataLoader workers import. Nothing is imported here, so

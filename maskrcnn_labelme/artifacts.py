@@ -18,7 +18,8 @@ from . import download, labelme, runs
 
 __all__ = [
     "ARCHITECTURE", "SEED", "SPLIT_FRACTIONS", "build_manifest", "class_colors", "class_names_of",
-    "default_image_size", "manifest_or_rebuild", "model_settings", "model_settings_or_rebuild",
+    "default_image_size", "labels_file_of", "manifest_or_rebuild", "model_settings",
+    "model_settings_or_rebuild",
 ]
 
 # Notebook 01's and 02's settings; tests/test_artifacts.py checks that the notebooks use these.
@@ -43,16 +44,29 @@ def class_colors(count: int, seed: int = SEED) -> list[tuple[int, int, int]]:
     return [tuple(round(255 * c) for c in rgb) for rgb in distinctipy.get_colors(count, rng=seed)]
 
 
+def labels_file_of(data_dir: os.PathLike | str) -> Path | None:
+    """The data folder's LabelMe labels file (labels.txt), when it has one."""
+    path = Path(data_dir) / "labels.txt"
+    return path if path.is_file() else None
+
+
 def build_manifest(data_dir: os.PathLike | str, samples: Sequence[labelme.LabelMeSample], *,
-                   seed: int = SEED, fractions: Mapping[str, float] = SPLIT_FRACTIONS) -> dict[str, Any]:
-    """What notebook 01 writes to dataset_manifest.json: data folder, classes, colours, split."""
-    class_names = class_names_of(samples)
+                   seed: int = SEED, fractions: Mapping[str, float] = SPLIT_FRACTIONS,
+                   labels_file: os.PathLike | str | None = None) -> dict[str, Any]:
+    """What notebook 01 writes to dataset_manifest.json: data folder, classes, colours, split.
+
+    The classes are those of `labels_file` (LabelMe's labels.txt; by default the data folder's
+    own, when it has one) in its order, else every label found, sorted. The split puts every
+    class in training first, then in validation and test as far as the photos allow.
+    """
+    labels_file = labels_file or labels_file_of(data_dir)
+    class_names = labelme.read_labels_file(labels_file) if labels_file else class_names_of(samples)
     return {
         "data_dir": str(Path(data_dir).resolve()),
         "class_names": class_names,
         "colors": class_colors(len(class_names) - 1, seed),
         "seed": seed,
-        "splits": runs.split_stems([s.stem for s in samples], fractions, seed=seed),
+        "splits": runs.split_by_class(samples, fractions, seed=seed),
     }
 
 

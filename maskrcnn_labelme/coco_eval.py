@@ -19,7 +19,8 @@ import torch
 
 from .devices import autocast
 
-__all__ = ["METRIC_NAMES", "coco_annotation", "coco_ap", "evaluate_coco", "image_records", "score_records"]
+__all__ = ["METRIC_NAMES", "coco_annotation", "coco_ap", "coco_evaluator", "coco_inputs", "evaluate_coco",
+           "image_records", "score_records"]
 
 METRIC_NAMES = tuple(f"{kind}_{name}" for kind in ("bbox", "segm") for name in ("AP", "AP50", "AP75"))
 
@@ -97,15 +98,64 @@ def image_records(model, loader, device, *, progress: bool = True, mask_threshol
     return records
 
 
-def score_records(records: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
-    """``coco_ap`` of ``image_records``' records: images numbered 1, 2, ... in the given order."""
+def coco_inputs(records: Sequence[dict[str, Any]], class_names: Sequence[str]
+                ) -> tuple[list[dict], list[dict], list[dict]]:
+    """``coco_ap``'s images, truths and detections from per-image records: images numbered 1, 2,
+    ... in the given order, annotations 1, 2, ... in order, detections in order (pycocotools
+    numbers them 1, 2, ... as it loads them).
+
+    A record's optional "crowds" (regions labelled "__ignore__" in LabelMe) become crowd
+    annotations (iscrowd=1), one per class since COCO matches crowds within a class: a detection
+    lying inside one is ignored, neither a hit nor a false positive.
+    """
     images_info, truths, detections = [], [], []
     for image_id, record in enumerate(records, start=1):
         images_info.append({"id": image_id, "height": record["height"], "width": record["width"]})
         for truth in record["truths"]:
             truths.append({**truth, "image_id": image_id, "iscrowd": 0, "id": len(truths) + 1})
+        for crowd in record.get("crowds", ()):
+            for label in range(1, len(class_names)):
+                truths.append({**crowd, "category_id": label, "image_id": image_id, "iscrowd": 1,
+                               "id": len(truths) + 1})
         detections.extend({**detection, "image_id": image_id} for detection in record["detections"])
-    return coco_ap(images_info, truths, detections, class_names)
+    return images_info, truths, detections
+
+
+def score_records(records: Sequence[dict[str, Any]], class_names: Sequence[str]) -> dict[str, float]:
+    """``coco_ap`` of ``image_records``' records: images numbered 1, 2, ... in the given order."""
+    return coco_ap(*coco_inputs(records, class_names), class_names)
+
+
+def coco_evaluator(records: Sequence[dict[str, Any]], class_names: Sequence[str], iou_type: str = "segm",
+                   *, use_cats: bool = True):
+    """pycocotools' COCOeval for the records (see ``coco_inputs``), evaluated and accumulated.
+
+    Its results are pycocotools' own, for a closer look than ``coco_ap``'s summary:
+    ``eval["precision"]`` (IoU threshold x recall x class x area range x max detections) holds
+    every class's and size's precision-recall curve, and ``evalImgs`` which detection matched
+    which annotation. ``use_cats=False`` matches detections to annotations of any class, which
+    shows class confusions. Records without any detection give zero precision, not an error.
+    """
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    images, truths, detections = coco_inputs(records, class_names)
+    categories = [{"id": i, "name": n} for i, n in enumerate(class_names) if i > 0]
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+        ground_truth = COCO()
+        ground_truth.dataset = {"images": images, "annotations": truths, "categories": categories}
+        ground_truth.createIndex()
+        if detections:
+            results = ground_truth.loadRes(detections)
+        else:  # loadRes cannot take an empty list
+            results = COCO()
+            results.dataset = {"images": images, "annotations": [], "categories": categories}
+            results.createIndex()
+        evaluator = COCOeval(ground_truth, results, iouType=iou_type)
+        evaluator.params.useCats = int(use_cats)
+        evaluator.evaluate()
+        evaluator.accumulate()
+    return evaluator
 
 
 def evaluate_coco(model, loader, device, class_names: Sequence[str], *, progress: bool = True,

@@ -128,7 +128,7 @@ def init(device: str | None = None, timeout_s: float = 1800) -> Context:
 
 
 def close() -> None:
-    """Leave the process group (at the end of the command, also after an error)."""
+    """Leave the process group (at the end of a run that went well)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 

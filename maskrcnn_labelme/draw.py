@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-__all__ = ["draw_instances", "plot_history"]
+__all__ = ["draw_instances", "instance_colors", "plot_history"]
 
 
 def _label_font() -> str | None:
@@ -20,22 +20,47 @@ def _label_font() -> str | None:
         return None
 
 
+def instance_colors(image: torch.Tensor, count: int, *, seed: int = 0, dominant: int = 4
+                    ) -> list[tuple[int, int, int]]:
+    """`count` colours, one per instance, as far from each other and from the photo's own
+    `dominant` colours (and from black and white) as distinctipy can place them.
+
+    One colour per class would paint two overlapping cards alike, and a fixed green would vanish on
+    a green card. The photo's dominant colours come from Pillow's quantizer on a thumbnail. The
+    same photo and count give the same colours (seeded).
+    """
+    import distinctipy
+    from torchvision.transforms.v2 import functional as F
+
+    if count == 0:
+        return []
+    thumbnail = F.to_pil_image(F.to_dtype(torch.as_tensor(image), torch.uint8, scale=True))
+    thumbnail = thumbnail.convert("RGB").resize((64, 64))
+    palette = thumbnail.quantize(colors=dominant).getpalette()[: 3 * dominant]
+    exclude = [tuple(v / 255 for v in palette[i : i + 3]) for i in range(0, len(palette), 3)]
+    picked = distinctipy.get_colors(count, exclude_colors=[*exclude, (0, 0, 0), (1, 1, 1)], rng=seed)
+    return [tuple(round(255 * c) for c in rgb) for rgb in picked]
+
+
 def draw_instances(
     image: torch.Tensor,
     masks: torch.Tensor,
     boxes: torch.Tensor,
     labels: Sequence[str],
-    colors: Sequence[Sequence[int]],
+    colors: Sequence[Sequence[int]] | None = None,
     alpha: float = 0.4,
 ) -> torch.Tensor:
     """Overlay masks, boxes and label texts on an image; returns a uint8 (3, H, W) tensor.
 
-    `image` may be uint8 or float in [0, 1]; `colors` has one RGB tuple per instance.
+    `image` may be uint8 or float in [0, 1]; `colors` has one RGB tuple per instance, by default
+    ``instance_colors``: distinct from each other and from the photo.
     """
     from torchvision.transforms.v2 import functional as F
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
     image = F.to_dtype(torch.as_tensor(image), torch.uint8, scale=True)
+    if colors is None:
+        colors = instance_colors(image, len(labels))
     colors = [tuple(int(c) for c in color) for color in colors]
     if len(labels):
         image = draw_segmentation_masks(image, masks.bool(), alpha=alpha, colors=colors)
@@ -48,7 +73,6 @@ def draw_instances(
             font_size=font_size, fill_labels=True, label_colors=text_colors,
         )
     return image
-
 
 
 def plot_history(history: Sequence[Mapping[str, float]], path: os.PathLike | str | None = None):

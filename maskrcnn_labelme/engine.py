@@ -143,7 +143,6 @@ def validation_loss(model, loader, device) -> float:
 
 
 def _rng_state() -> dict[str, Any]:
-    # (per process: under torchrun the checkpoint keeps every rank's, see fit)
     numpy_state = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
@@ -237,6 +236,9 @@ def fit(model, train_loader, val_loader, *, run_dir: os.PathLike | str, epochs: 
 
     main, world = distributed.is_main(), distributed.world_size()
     progress = progress and main
+    if world > 1 and not isinstance(train_loader.sampler, torch.utils.data.DistributedSampler):
+        raise ValueError("Under torchrun each process trains on its share of the photos: build the "
+                         "loaders with distributed.make_loaders (a DistributedSampler).")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:

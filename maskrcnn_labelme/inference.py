@@ -191,7 +191,8 @@ def prediction_to_labelme(prediction: Mapping[str, torch.Tensor], class_names: S
 
 
 def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], out_dir: os.PathLike | str,
-                   class_names: Sequence[str], colors: Sequence[Sequence[int]], device="cpu", *,
+                   class_names: Sequence[str], colors: Sequence[Sequence[int]] | None = None,
+                   device="cpu", *,
                    score_threshold: float = 0.5, mask_threshold: float = 0.5,
                    progress: bool = True) -> list[dict[str, Any]]:
     """Predict every image and write, into out_dir: a copy of the image, its predictions as a
@@ -245,7 +246,7 @@ def _read_photo(path: Path) -> Image.Image:
 
 
 def _predict_photo(model: torch.nn.Module, path: Path, out_dir: Path, stem: str,
-                   class_names: Sequence[str], colors: Sequence[Sequence[int]], device, *,
+                   class_names: Sequence[str], colors: Sequence[Sequence[int]] | None, device, *,
                    score_threshold: float, mask_threshold: float) -> dict[str, Any]:
     """predict_folder's work for one photo, writing its files under the name `stem`; returns its
     summary row. A function of its own so that the photo, its masks and its drawing (hundreds of
@@ -256,7 +257,7 @@ def _predict_photo(model: torch.nn.Module, path: Path, out_dir: Path, stem: str,
     names = [class_names[i] for i in prediction["labels"]]
     drawn = draw_instances(TF.pil_to_tensor(image), prediction["masks"], prediction["boxes"],
                            [f"{n} {s:.2f}" for n, s in zip(names, prediction["scores"].tolist())],
-                           [colors[i - 1] for i in prediction["labels"]])
+                           None if colors is None else [colors[i - 1] for i in prediction["labels"]])
     TF.to_pil_image(drawn).save(out_dir / "annotated" / f"{stem}.jpg", quality=90)
     del drawn
     json_path = out_dir / f"{stem}.json"

@@ -9,7 +9,9 @@ is fine), always naming the file and, where one is at fault, the shape.
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,10 +29,16 @@ from .labelme_parse import (AREALESS_SHAPE_TYPES, SUPPORTED_SHAPE_TYPES, LabelMe
                             LabelMeInstance, LabelMeShape, LabelMeWarning)
 
 __all__ = [
-    "AREALESS_SHAPE_TYPES", "SUPPORTED_SHAPE_TYPES", "LabelMeError", "LabelMeInstance",
-    "LabelMeReport", "LabelMeSample", "LabelMeShape", "LabelMeWarning", "load_labelme_file",
-    "label_spelling_warnings", "load_labelme_folder", "report_labelme_folder",
+    "AREALESS_SHAPE_TYPES", "BACKGROUND_LABEL", "IGNORE_LABEL", "SUPPORTED_SHAPE_TYPES",
+    "LabelMeError", "LabelMeInstance", "LabelMeReport", "LabelMeSample", "LabelMeShape",
+    "LabelMeWarning", "keep_negative_share", "label_spelling_warnings", "load_labelme_file",
+    "load_labelme_folder", "read_labels_file", "report_labelme_folder", "unknown_label_warnings",
 ]
+
+# LabelMe's own conventions (its labels.txt and its labelme2coco/labelme2voc scripts): a shape
+# labelled "__ignore__" marks a region to leave out, "_background_" names class 0.
+IGNORE_LABEL = "__ignore__"
+BACKGROUND_LABEL = "_background_"
 
 
 @dataclass
@@ -44,10 +52,18 @@ class LabelMeSample:
     height: int
     instances: list[LabelMeInstance]
     warnings: list[str] = field(default_factory=list)
+    # shapes labelled "__ignore__": no class, never a training target; COCO evaluation counts
+    # them as crowd regions (iscrowd=1), where a detection is neither right nor wrong
+    ignore_regions: list[LabelMeInstance] = field(default_factory=list)
 
     @property
     def stem(self) -> str:
         return self.json_path.stem
+
+    @property
+    def is_negative(self) -> bool:
+        """No object to learn (ignore regions do not count): a valid sample with an empty target."""
+        return not self.instances
 
     def load_image(self, max_side: int | None = None) -> Image.Image:
         """Return the image as 8-bit RGB, upright (EXIF orientation applied).
@@ -115,6 +131,15 @@ class LabelMeSample:
         masks would give, drawn directly at their final size from the polygons (sharper, and
         cheaper than drawing them in full and resizing). Parts outside are clipped.
         """
+        return self._rasterize(self.instances, width, height, region)
+
+    def rasterize_ignored(self, width: int | None = None, height: int | None = None, *,
+                          region: Sequence[float] | None = None) -> np.ndarray:
+        """One boolean mask per ignore region ("__ignore__" shapes), like ``rasterize``."""
+        return self._rasterize(self.ignore_regions, width, height, region)
+
+    def _rasterize(self, instances: Sequence[LabelMeInstance], width: int | None,
+                   height: int | None, region: Sequence[float] | None) -> np.ndarray:
         width = self.width if width is None else width
         height = self.height if height is None else height
         if width < 1 or height < 1:
@@ -124,8 +149,8 @@ class LabelMeSample:
             raise ValueError(f"rasterize() needs a region with a positive size, got {tuple(region)}")
         scale = (width / (right - left), height / (bottom - top))
         shift = (-left * scale[0], -top * scale[1])
-        masks = np.zeros((len(self.instances), height, width), dtype=bool)
-        for mask, instance in zip(masks, self.instances):
+        masks = np.zeros((len(instances), height, width), dtype=bool)
+        for mask, instance in zip(masks, instances):
             mask[:] = pixels.rasterize_shapes(instance.shapes, width, height, scale, shift)
         return masks
 
@@ -150,7 +175,18 @@ class LabelMeReport:
     samples: list[LabelMeSample]
     errors: list[LabelMeError]
     warnings: list[str]
+    class_names: list[str] | None = None  # from the labels file, when one was given
 
+    @property
+    def negatives(self) -> list[LabelMeSample]:
+        """The files without any object (an empty "shapes" list, or only "__ignore__" shapes):
+        valid samples, which teach the model what is *not* an object."""
+        return [sample for sample in self.samples if sample.is_negative]
+
+    @property
+    def ignore_regions(self) -> int:
+        """How many "__ignore__" regions the folder holds (left out of training, crowd in COCO)."""
+        return sum(len(sample.ignore_regions) for sample in self.samples)
 
 
 def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
@@ -168,6 +204,7 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
 
     raw_shapes = parse.shape_list(context, data)
     instances: list[LabelMeInstance] = []
+    ignore_regions: list[LabelMeInstance] = []
     groups: dict[tuple[str, int], LabelMeInstance] = {}
     for index, raw_shape in enumerate(raw_shapes):
         parsed = parse.parse_shape(context, index, raw_shape)
@@ -176,13 +213,14 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
         label, group_id, shape = parsed
         if not parse.check_inside(context, shape, label, width, height):
             continue
+        kept = ignore_regions if label == IGNORE_LABEL else instances
         if group_id is None:
-            instances.append(LabelMeInstance(label, None, [shape]))
+            kept.append(LabelMeInstance(label, None, [shape]))
         elif (label, group_id) in groups:
             groups[label, group_id].shapes.append(shape)
         else:
             groups[label, group_id] = LabelMeInstance(label, group_id, [shape])
-            instances.append(groups[label, group_id])
+            kept.append(groups[label, group_id])
 
     return LabelMeSample(
         json_path=context.json_path,
@@ -192,6 +230,7 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
         height=height,
         instances=instances,
         warnings=context.warnings,
+        ignore_regions=ignore_regions,
     )
 
 
@@ -220,19 +259,28 @@ def load_labelme_folder(
     return samples
 
 
-def report_labelme_folder(folder: str | os.PathLike[str]) -> LabelMeReport:
+def report_labelme_folder(folder: str | os.PathLike[str],
+                          labels_file: str | os.PathLike[str] | None = None) -> LabelMeReport:
     """Collect every error and warning of ``folder`` in one pass, for a QA table.
 
     Never raises for bad files (only when the folder is missing or holds no JSON). Warnings are
     returned rather than emitted, so a report over a large folder does not also print hundreds of
-    warning lines.
+    warning lines. With a ``labels_file`` (see ``read_labels_file``) the report also names the
+    labels the files use that it lacks, and spellings that differ from it only in case; its
+    class list is the report's ``class_names``.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LabelMeWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", LabelMeWarning)
         samples, errors, _ = _load_folder(Path(folder))
-    folder_warnings = [f"{folder}: {message}" for message in label_spelling_warnings(samples)]
-    return LabelMeReport(samples, errors,
-                         [message for sample in samples for message in sample.warnings] + folder_warnings)
+        del caught[:]  # the samples keep their own warnings
+        class_names = None if labels_file is None else read_labels_file(labels_file)
+    messages = [message for sample in samples for message in sample.warnings]
+    messages += [str(w.message) for w in caught if issubclass(w.category, LabelMeWarning)]
+    known = None if class_names is None else {Path(labels_file).name: class_names[1:]}
+    folder_messages = label_spelling_warnings(samples, known)
+    if class_names is not None:
+        folder_messages += unknown_label_warnings(samples, class_names, Path(labels_file).name)
+    return LabelMeReport(samples, errors, messages + [f"{folder}: {m}" for m in folder_messages], class_names)
 
 
 def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError], int]:
@@ -254,17 +302,19 @@ def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError],
     return samples, errors, len(json_paths)
 
 
-def label_spelling_warnings(samples: Sequence[LabelMeSample]) -> list[str]:
+def label_spelling_warnings(samples: Sequence[LabelMeSample],
+                            known: dict[str, Sequence[str]] | None = None) -> list[str]:
     """One message per group of labels that differ only in upper and lower case.
 
     "Card" and "card" would become two classes that split one object's examples between them.
     They are reported rather than merged: which spelling is right is the annotator's call.
+    ``known`` adds the labels of other sources, by name: {"labels.txt": [...]}.
     """
+    places = [(instance.label, sample.json_path.name) for sample in samples for instance in sample.instances]
+    places += [(label, source) for source, labels in (known or {}).items() for label in labels]
     files: dict[str, dict[str, list[str]]] = {}
-    for sample in samples:
-        for instance in sample.instances:
-            spellings = files.setdefault(instance.label.casefold(), {})
-            spellings.setdefault(instance.label, []).append(sample.json_path.name)
+    for label, name in places:
+        files.setdefault(label.casefold(), {}).setdefault(label, []).append(name)
     messages = []
     for spellings in files.values():
         if len(spellings) > 1:
@@ -273,3 +323,71 @@ def label_spelling_warnings(samples: Sequence[LabelMeSample]) -> list[str]:
             messages.append(f"labels that differ only in case would be separate classes: {listing}. "
                             "Rename them to one spelling in LabelMe.")
     return messages
+
+
+def read_labels_file(path: str | os.PathLike[str]) -> list[str]:
+    """The class list of a LabelMe labels file (``labelme --labels labels.txt``): "background"
+    first, then one class per line in the file's order, which fixes the class indices.
+
+    The format of LabelMe's examples: one label per line; the lines "__ignore__" (regions to
+    leave out, no class) and "_background_" (class 0, here named "background") are allowed and
+    are not classes of their own. Blank lines are skipped, spaces around a label are removed
+    with a warning (as in the JSON files); a label listed twice is an error.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabelMeError(f"labels file {path} cannot be read: {exc}") from exc
+    names: list[str] = []
+    for number, line in enumerate(lines, start=1):
+        label = line.strip()
+        if label != line and label:
+            warnings.warn(LabelMeWarning(f"{path}, line {number}: label {line!r} has spaces around it; "
+                                         f"read as {label!r}."), stacklevel=2)
+        if not label or label in (IGNORE_LABEL, BACKGROUND_LABEL):
+            continue
+        if label in names:
+            raise LabelMeError(f"{path}, line {number}: {label!r} is listed twice; each class once.")
+        names.append(label)
+    if not names:
+        raise LabelMeError(f"labels file {path} lists no class (only blank, {IGNORE_LABEL!r} or "
+                           f"{BACKGROUND_LABEL!r} lines).")
+    return ["background", *names]
+
+
+def unknown_label_warnings(samples: Sequence[LabelMeSample], class_names: Sequence[str],
+                           source: str = "the labels file") -> list[str]:
+    """One message per label the files use that ``class_names`` lacks, with a few files.
+
+    Training would stop on such a label (``LabelMeDataset`` refuses unknown labels); the QA
+    report names them first, with where they occur.
+    """
+    known = set(class_names[1:])
+    files: dict[str, list[str]] = {}
+    for sample in samples:
+        for instance in sample.instances:
+            if instance.label not in known:
+                files.setdefault(instance.label, []).append(sample.json_path.name)
+    return [f"label {label!r} is not in {source} ({len(names)} instance(s), e.g. in "
+            f"{', '.join(sorted(set(names))[:3])}): add it there or rename it in LabelMe."
+            for label, names in sorted(files.items())]
+
+
+def keep_negative_share(samples: Sequence[LabelMeSample], share: float | None, seed: int = 0
+                        ) -> list[LabelMeSample]:
+    """The samples with at most ``share`` of them negatives (files without objects).
+
+    Every sample with objects is kept; negatives beyond the share are left out, a seeded random
+    choice. ``None`` keeps everything, 0 drops every negative; with too few negatives all are
+    kept (none is repeated). The order of the kept samples is unchanged.
+    """
+    if share is None:
+        return list(samples)
+    if not 0 <= share <= 1:
+        raise ValueError(f"negative_share must be between 0 and 1 (or None), got {share}")
+    negatives = [i for i, sample in enumerate(samples) if sample.is_negative]
+    positives = len(samples) - len(negatives)
+    limit = len(negatives) if share == 1 else math.floor(share * positives / (1 - share) + 1e-9)
+    kept = set(random.Random(seed).sample(negatives, min(limit, len(negatives))))
+    return [sample for i, sample in enumerate(samples) if not sample.is_negative or i in kept]

@@ -27,11 +27,10 @@ from typing import Any
 
 import torch
 
-from . import distributed, engine, labelme, models, runs
+from . import artifacts, distributed, engine, labelme, models, runs
 
-__all__ = ["DEFAULTS", "SPLIT_FRACTIONS", "main", "parse_settings", "prepare_run_folder", "train"]
+__all__ = ["DEFAULTS", "main", "parse_settings", "prepare_run_folder", "train"]
 
-SPLIT_FRACTIONS = {"train": 0.7, "val": 0.15, "test": 0.15}  # notebook 01's split
 # name: (type, default, help); None means "decided later", as each help says
 DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "data": (str, None, "LabelMe folder (images + .json); needed until the run folder has a manifest"),
@@ -44,7 +43,7 @@ DEFAULTS: dict[str, tuple[type, Any, str]] = {
     "train_images": (int, None, "use only the first N photos of the training split (default: all)"),
     "eval_every": (int, 1, "COCO evaluation every N epochs, and after the last"),
     "workers": (int, None, "DataLoader worker processes per training process (default: from the cores)"),
-    "seed": (int, 1234, "seed of the split, the model's initial weights and the data order"),
+    "seed": (int, artifacts.SEED, "seed of the split, the model's initial weights and the data order"),
     "stop_after": (int, None, "end after N epochs of the run are done; run again to continue"),
     "sync_batchnorm": (bool, False, "SyncBatchNorm over the global batch (CUDA, several processes)"),
     "device": (str, None, "cuda, mps or cpu (default: CUDA if present; under torchrun GPU LOCAL_RANK)"),
@@ -108,21 +107,10 @@ def parse_settings(argv: Sequence[str] | None = None) -> dict[str, Any]:
     return settings
 
 
-def _new_manifest(data_dir: Path, seed: int) -> dict[str, Any]:
-    """What notebook 01 writes: classes (background + sorted labels), colours, the seeded split."""
-    import distinctipy
-
-    samples = labelme.load_labelme_folder(data_dir)
-    class_names = ["background", *sorted({inst.label for s in samples for inst in s.instances})]
-    colors = [[round(255 * c) for c in rgb] for rgb in distinctipy.get_colors(len(class_names) - 1, rng=seed)]
-    return {"data_dir": str(data_dir.resolve()), "class_names": class_names, "colors": colors, "seed": seed,
-            "splits": runs.split_stems([s.stem for s in samples], SPLIT_FRACTIONS, seed=seed)}
-
-
 def prepare_run_folder(settings: dict[str, Any], *, write: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run folder's manifest and model settings: read, or made as notebooks 01 and 02 make them
     and written when `write` (rank 0). A flag that contradicts an existing file stops the run."""
-    run_dir = Path(settings["run_dir"])
+    run_dir = Path(settings["run_dir"]).expanduser()
     data = Path(settings["data"]).expanduser() if settings["data"] else None
     fix = f"use another --run-dir, or delete {runs.show_path(run_dir)} to start over"
     if (run_dir / runs.MANIFEST_NAME).is_file():
@@ -135,7 +123,9 @@ def prepare_run_folder(settings: dict[str, Any], *, write: bool = True) -> tuple
     elif not data.is_dir():
         raise FileNotFoundError(f"--data {data}: no such folder.")
     else:
-        manifest = _new_manifest(data, settings["seed"])
+        # as notebook 01: the files that load (a broken one is named in a warning), split by seed
+        manifest = artifacts.build_manifest(data, labelme.load_labelme_folder(data, on_error="skip"),
+                                            seed=settings["seed"])
         if write:
             runs.write_json_atomic(run_dir / runs.MANIFEST_NAME, manifest)
     if (run_dir / runs.MODEL_SETTINGS_NAME).is_file():
@@ -146,9 +136,9 @@ def prepare_run_folder(settings: dict[str, Any], *, write: bool = True) -> tuple
                                  f"{runs.show_path(run_dir / runs.MODEL_SETTINGS_NAME)} says "
                                  f"{model_settings.get(name)}: leave the flag out, or {fix}.")
     else:
-        model_settings = {"architecture": "maskrcnn_resnet50_fpn_v2", "num_classes": len(manifest["class_names"]),
-                          "image_size": settings["image_size"] or 512,
-                          "pretrained": True if settings["pretrained"] is None else settings["pretrained"]}
+        model_settings = artifacts.model_settings(  # notebook 02's, with its full-profile defaults
+            len(manifest["class_names"]), settings["image_size"] or artifacts.default_image_size(smoke=False),
+            True if settings["pretrained"] is None else settings["pretrained"])
         if write:
             runs.write_json_atomic(run_dir / runs.MODEL_SETTINGS_NAME, model_settings)
     if model_settings.get("num_classes", len(manifest["class_names"])) != len(manifest["class_names"]):
@@ -170,11 +160,11 @@ def train(settings: dict[str, Any], ctx: distributed.Context) -> list[dict[str, 
 
     quiet = contextlib.nullcontext() if ctx.main else contextlib.redirect_stdout(io.StringIO())
     run_dir = Path(settings["run_dir"]).expanduser()
-    prepare_run_folder(settings, write=ctx.main)  # every process checks: all stop alike on a conflict
-    if ctx.main:
+    if ctx.main:  # (should it fail, torchrun stops the processes waiting at the barrier)
+        prepare_run_folder(settings)
         runs.remember_run_dir(run_dir, runs.smoke_profile())  # where notebooks 05 and 06 look
     distributed.barrier()
-    manifest, model_settings = prepare_run_folder(settings, write=False)
+    manifest, model_settings = prepare_run_folder(settings, write=False)  # now read by every process
     class_names, image_size = manifest["class_names"], model_settings["image_size"]
     pretrained, seed, batch_size = model_settings["pretrained"], settings["seed"], settings["batch_size"]
     epochs = settings["epochs"] or (40 if ctx.device.type == "cuda" else 3)
@@ -247,8 +237,13 @@ def _plot(history: list[dict[str, float]], run_dir: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     ctx = distributed.init(settings["device"])
-    train(settings, ctx)
-    distributed.close()  # on success only: after an error torchrun stops the other processes
+    try:
+        train(settings, ctx)
+    except (ValueError, FileNotFoundError, engine.TrainingDiverged) as error:  # LabelMeError is a ValueError
+        # a message written for people (another run in the folder, a missing file): no traceback
+        print(f"{_parser().prog}: error (rank {ctx.rank}): {error}", file=sys.stderr)
+        return 2  # without leaving the process group: torchrun stops the other processes
+    distributed.close()
     return 0
 
 

@@ -302,22 +302,26 @@ def test_the_kit_is_made_from_the_published_files_and_placed_where_the_notebooks
                        donor.state_dict()["roi_heads.box_predictor.cls_score.weight"])
 
 
+def write_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel, written by hand: no build tool, no network."""
+    folder.mkdir(parents=True)
+    wheel = folder / "kitprobe-1.0-py3-none-any.whl"
+    files = {
+        "kitprobe/__init__.py": "VALUE = 42\n",
+        "kitprobe-1.0.dist-info/METADATA": "Metadata-Version: 2.1\nName: kitprobe\nVersion: 1.0\n",
+        "kitprobe-1.0.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: hand\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "kitprobe-1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for name, text in {**files, "kitprobe-1.0.dist-info/RECORD": record}.items():
+            zf.writestr(name, text)
+    return wheel
+
+
 def test_set_up_installs_from_the_kit_without_the_network(tmp_path):
     """A wheelhouse with one small wheel; pip may not look anywhere else (--no-index)."""
-    package = tmp_path / "src"
-    (package / "kitprobe").mkdir(parents=True)
-    (package / "kitprobe" / "__init__.py").write_text("VALUE = 42\n")
-    (package / "pyproject.toml").write_text(textwrap.dedent("""
-        [build-system]
-        requires = ["setuptools"]
-        build-backend = "setuptools.build_meta"
-        [project]
-        name = "kitprobe"
-        version = "1.0"
-    """))
     room = tmp_path / "kit"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                    "-w", room / "wheels", package], check=True)
+    write_wheel(room / "wheels")
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")

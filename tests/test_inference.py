@@ -429,3 +429,20 @@ def test_predict_memory_on_a_large_photo_is_its_masks_and_little_more():
     assert result["dtype"] == "torch.bool"
     assert result["boxes_max"][2] > 1000 and result["boxes_max"][3] > 700  # in the photo's pixels
     assert result["grown"] < result["returned"] + 400e6, result
+
+
+def test_instance_colours_differ_from_each_other_and_from_the_photo():
+    """Green masks vanished on green cards; one colour per class painted overlapping cards alike."""
+    from maskrcnn_labelme import draw
+
+    green_photo = torch.zeros(3, 60, 80, dtype=torch.uint8)
+    green_photo[1] = 180
+    colours = torch.tensor(draw.instance_colors(green_photo, 5), dtype=torch.float)
+    assert len(colours) == 5
+    apart = torch.cdist(colours, colours) + torch.eye(5) * 1e3
+    assert apart.min() > 60  # every pair clearly different (RGB distance)
+    assert torch.cdist(colours, torch.tensor([[0.0, 180.0, 0.0]])).min() > 60  # none near the green
+    assert draw.instance_colors(green_photo, 5) == draw.instance_colors(green_photo, 5)  # seeded
+    drawn = draw.draw_instances(green_photo, torch.ones(1, 60, 80, dtype=torch.bool),
+                                torch.tensor([[5.0, 5.0, 50.0, 40.0]]), ["card"])
+    assert drawn.shape == (3, 60, 80) and not torch.equal(drawn, green_photo)
