@@ -782,3 +782,15 @@ def test_the_sample_shipped_with_the_repository_loads_cleanly():
     sample = samples[0]
     image = sample.load_image(max_side=128)
     assert max(image.size) == 128 and sample.rasterize(*image.size).any()
+
+
+def test_an_opencv_without_rgb_decoding_gives_the_same_pixels(tmp_path, monkeypatch):
+    """OpenCV before 4.11 has no IMREAD_COLOR_RGB: the BGR decode and conversion must agree."""
+    import cv2
+
+    from maskrcnn_labelme import pixels
+
+    data = (REPO / "data" / "student-id-sample" / "10001.jpg").read_bytes()
+    direct = pixels.decode_complete_jpeg(data)
+    monkeypatch.delattr(cv2, "IMREAD_COLOR_RGB", raising=False)
+    assert np.array_equal(pixels.decode_complete_jpeg(data), direct)
