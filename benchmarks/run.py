@@ -10,7 +10,7 @@ alternating where that is possible, because these machines are noisy. Training s
 inference run in fresh subprocesses, one per variant, so each peak-memory figure belongs to one
 variant only. The table is printed and written to benchmarks/results.json.
 
-What is compared (reference = benchmarks/reference_pipeline.py, a re-implementation of the
+What is compared (reference = maskrcnn_labelme/reference.py, a re-implementation of the
 reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
 - data pipeline: train-recipe samples per second on one CPU thread;
 - training step: images per second for AdamW steps at the same batch and image size; the
@@ -72,7 +72,7 @@ def measure_pipeline(args) -> dict:
 
     import windows_utils
     from maskrcnn_labelme import labelme
-    from reference_pipeline import reference_dataset
+    from maskrcnn_labelme.reference import reference_dataset
 
     torch.set_num_threads(1)
     folder = Path(args.data)

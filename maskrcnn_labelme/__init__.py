@@ -23,6 +23,7 @@ One module per responsibility, in the order the notebooks need them:
 - ``diagnose``   AP per class and size, confusion matrix, galleries, threshold sweep, relabelling (07)
 - ``coco_export`` the split as COCO instance files
 - ``figures``    the figures of a finished run, for images/ and the README
+- ``reference``  the reference tutorial's data pipeline, for comparisons (03, benchmark)
 
 The dataset, its collate function and the loader factory live in the top-level
 ``windows_utils.py``, which spawn-started DataLoader workers import. Nothing is imported here, so

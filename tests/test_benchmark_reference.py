@@ -1,14 +1,9 @@
 """The benchmark's re-implementation of the reference pipeline must keep producing valid samples,
 or its side-by-side figures would compare against something broken."""
-import sys
-from pathlib import Path
-
 import torch
 
 from maskrcnn_labelme import download
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from reference_pipeline import reference_dataset  # noqa: E402
+from maskrcnn_labelme.reference import reference_dataset
 
 
 def test_reference_pipeline_gives_training_samples():

@@ -202,7 +202,8 @@ def test_a_damaged_download_never_becomes_best_model(tmp_path, monkeypatch):
 COLAB_SHIPS = {"torch", "torchvision", "numpy", "pandas", "matplotlib", "pillow", "tqdm",
                "opencv-python", "jupyter", "ipywidgets"}
 IMPORT_NAMES = {"distinctipy": "distinctipy", "torchtnt": "torchtnt", "pycocotools": "pycocotools",
-                "onnx": "onnx", "onnxruntime": "onnxruntime"}
+                "onnx": "onnx", "onnxruntime": "onnxruntime",
+                "cjm_torchvision_tfms": "cjm_torchvision_tfms"}
 
 
 def test_requirements_colab_holds_only_what_the_notebooks_import_and_colab_lacks():

@@ -6,7 +6,10 @@ shape, boxes from masks, then the cjm + torchvision v2 train recipe working on t
 (IoU crop with centre jitter, colour jitter, grayscale, equalize, posterize, flip, resize the
 longest side, pad to a square with a random split, resize, float, sanitize).
 
-It exists only to be measured against; the tutorial's own pipeline is maskrcnn_labelme/augment.py.
+It exists only to be compared with: side by side in notebook 03 (how loose its boxes get) and in
+benchmarks/run.py (how fast it runs). The tutorial's own pipeline is maskrcnn_labelme/augment.py.
+It needs the optional extra ``compare`` (``pip install -e .[compare]``): the reference tutorial's
+``cjm_torchvision_tfms``.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.ops import masks_to_boxes
 from torchvision.transforms import v2
+
+__all__ = ["ReferenceDataset", "reference_dataset", "reference_train_transforms"]
 
 
 def read_annotations(folder: Path) -> tuple[dict[str, Path], pd.DataFrame, list[str]]:
@@ -85,6 +90,8 @@ def reference_train_transforms(size: int = 512) -> v2.Compose:
     ])
 
 
-def reference_dataset(folder: Path, size: int = 512) -> ReferenceDataset:
+def reference_dataset(folder: Path, size: int = 512, stems: list[str] | None = None) -> ReferenceDataset:
+    """The reference training dataset of `folder`; with `stems`, only those files, in that order."""
     image_paths, frame, class_names = read_annotations(Path(folder))
-    return ReferenceDataset(frame.index, image_paths, frame, class_names, reference_train_transforms(size))
+    keys = frame.index if stems is None else list(stems)
+    return ReferenceDataset(keys, image_paths, frame, class_names, reference_train_transforms(size))
