@@ -37,7 +37,6 @@ VENV = ROOT / ".venv"
 TORCH_PAIR = ["torch==2.14.1", "torchvision==0.29.1"]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 DEFAULT_KIT = ROOT / "classroom-kit"
-PLACEHOLDER_REPO = "https://github.com/OWNER/maskrcnn-labelme-tutorial"
 # The one place the address is written: pyproject.toml [project.urls] Repository
 REPO_LINE = re.compile(r'^Repository = "(?P<url>[^"]*)"$', re.M)
 COLAB_BADGE = "https://colab.research.google.com/assets/colab-badge.svg"
