@@ -20,7 +20,11 @@ reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
   this project's step without channels-last and with a fused AdamW; also its training fed by its
   own DataLoader instead of preloaded batches, with the share of the time spent waiting for data
   (does the pipeline starve the GPU?);
-- inference latency for one 640x480 photo on the CPU: eager PyTorch (both) and ONNX Runtime;
+- inference latency for one 640x480 photo on the CPU, eager PyTorch, random weights (both);
+- CPU inference with a trained checkpoint (this project only; part "infer"): eager PyTorch with
+  torchvision's 1000 proposals against the faster paths of notebook 06 (fewer proposals chosen on
+  the validation split, channels-last, ONNX Runtime, an int8 backbone), on the test photos at
+  their own size, each with its detections, test-split mask AP and time per stage;
 - peak memory (RSS) of inference.predict on a 6000x4000 JPEG photo on the CPU (this project only;
   part "memory");
 - the wall time of the project's test suite (full mode, or --with-tests).
@@ -250,13 +254,14 @@ def measure_fed_training(args) -> dict:
 
 
 def measure_inference(args) -> dict:
-    """Median latency for one 640x480 photo on the CPU for one variant (args.variant)."""
+    """Median latency for one 640x480 photo on the CPU for one variant (args.variant), random
+    weights: the reference tutorial's model (800 px) against this project's (512 px)."""
     import numpy as np
     import torch
     from PIL import Image
     from torchvision.models.detection import maskrcnn_resnet50_fpn_v2
 
-    from maskrcnn_labelme import export, models
+    from maskrcnn_labelme import models
 
     torch.manual_seed(0)
     if args.variant == "reference":
@@ -267,28 +272,151 @@ def measure_inference(args) -> dict:
     photo = next(Path(args.data).glob("*.jpg"))
     image = Image.open(photo).convert("RGB").resize((640, 480))
     tensor = torch.from_numpy(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255)
-    if args.variant == "onnx":
-        import tempfile
+    def run():
+        with torch.no_grad():
+            return model([tensor])
 
-        import onnxruntime as ort
-
-        path = export.export_onnx(model, Path(tempfile.mkdtemp()) / "model.onnx", tensor)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        run = lambda: session.run(None, {"image": tensor.numpy()})  # noqa: E731
-        detections = lambda out: len(out[2])  # noqa: E731
-    else:
-        def run():
-            with torch.no_grad():
-                return model([tensor])
-
-        detections = lambda out: len(out[0]["scores"])  # noqa: E731
-    found = detections(run())
+    found = len(run()[0]["scores"])
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
     return {"ms": 1000 * statistics.median(times), "detections": found, "peak_rss_mb": peak_rss_mb()}
+
+
+def find_trained_run(explicit: str | None, data: str, quick: bool) -> Path:
+    """The run folder whose best_model.pt the CPU inference rows time: `explicit`, else the
+    newest full-profile run folder with a best_model.pt, else a short CPU run made now (random
+    start, as no COCO weights can be had offline: 1 epoch, or 16 photos for 1 epoch in quick
+    mode), kept in runs/benchmark-cpu/ for the next benchmark."""
+    from maskrcnn_labelme import runs
+
+    if explicit:
+        if not (Path(explicit) / runs.BEST_MODEL_NAME).is_file():
+            raise SystemExit(f"--run-dir {explicit} has no {runs.BEST_MODEL_NAME}")
+        return Path(explicit)
+    found = sorted((p.parent for p in runs.RUNS_DIR.glob(f"*/{runs.BEST_MODEL_NAME}")
+                    if p.parent.name != "smoke"), key=lambda p: (p / runs.BEST_MODEL_NAME).stat().st_mtime)
+    if found:
+        return found[-1]
+    run_dir = runs.RUNS_DIR / "benchmark-cpu"
+    print(f"No trained run folder found: training a short CPU run into {run_dir}...", flush=True)
+    command = [sys.executable, "-m", "maskrcnn_labelme.train", "--data", data, "--run-dir", str(run_dir),
+               "--epochs", "1", "--device", "cpu", "--no-progress"]
+    subprocess.run(command + (["--train-images", "16"] if quick else []), cwd=ROOT, check=True)
+    return run_dir
+
+
+def measure_cpu_inference(args) -> dict:
+    """Eager PyTorch against ONNX Runtime with a trained checkpoint, on the test photos at their
+    own size, through inference.predict (what notebooks 05 and 06 run), side by side.
+
+    Variants: eager with torchvision's 1000 proposals (notebook 05), the same in channels-last
+    memory format, eager with the proposal count inference.choose_proposals picks on the
+    validation split; ONNX Runtime (onnx_runner's session: every graph optimisation, operators in
+    sequence, a thread per core) with 1000 proposals and with the chosen count, the latter also
+    with basic graph optimisations only and with one thread (what the session settings are worth),
+    and with the backbone quantized to int8 (calibrated on training photos). For each: median ms per photo, detections kept (score
+    >= 0.5), test-split COCO mask AP (coco_eval, validation recipe), and where the time goes
+    (speed.eager_parts, or ONNX Runtime's own profile).
+    """
+    import copy
+    import tempfile
+
+    import onnxruntime as ort
+    import torch
+
+    import windows_utils
+    from maskrcnn_labelme import diagnose, export, inference, onnx_runner, pixels, runs, speed
+    from maskrcnn_labelme.coco_eval import evaluate_coco
+
+    run_dir = Path(args.run_dir)
+    manifest = runs.load_manifest(run_dir)
+    model, class_names = inference.load_trained_model(run_dir, "cpu")
+    size = model.transform.max_size
+    limit = args.pipeline_samples  # photos per split used (all in full mode)
+
+    def loader(split):
+        samples = runs.manifest_samples(manifest, split)[:limit]
+        return windows_utils.make_loader(windows_utils.make_dataset(samples, class_names, train=False, image_size=size),
+                                         batch_size=1, train=False, device=torch.device("cpu"), workers=0)
+
+    test_photos = [pixels.open_rgb(s.image_path) for s in runs.manifest_samples(manifest, "test")[:limit]]
+    chosen, val_ap = inference.choose_proposals(model, loader("val"), class_names, progress=False)
+    folder = Path(tempfile.mkdtemp())
+    example = pixels.to_float_image(test_photos[0].resize((400, 300)))
+    export.export_onnx(model, folder / "default.onnx", example)
+    fast = inference.set_proposals(copy.deepcopy(model), chosen)
+    export.export_onnx(fast, folder / "fast.onnx", example)
+    calibration = [pixels.to_float_image(s.load_image().resize(inference.working_size(model, *s.load_image().size)))
+                   for s in runs.manifest_samples(manifest, "train")[:args.calibration]]
+    onnx_runner.quantize_backbone(folder / "fast.onnx", folder / "int8.onnx", calibration)
+
+    channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def other_session(path: Path, level, threads: int | None = None, *, profile: bool = False
+                      ) -> onnx_runner.OnnxMaskRCNN:
+        runner = onnx_runner.OnnxMaskRCNN(path, size)
+        options = onnx_runner.session_options(threads, profile=profile)
+        options.graph_optimization_level = level
+        runner.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        runner.settings = (level, threads)  # to profile it with the same settings
+        return runner
+
+    levels = ort.GraphOptimizationLevel
+    fp32 = f"ONNX Runtime, {chosen} proposals"
+    int8_name = f"ONNX Runtime, int8 backbone, {chosen} proposals"
+    variants = {
+        "eager, 1000 proposals": model,
+        "eager, 1000 proposals, channels-last": channels_last,
+        f"eager, {chosen} proposals": fast,
+        "ONNX Runtime, 1000 proposals": onnx_runner.OnnxMaskRCNN(folder / "default.onnx", size),
+        fp32: onnx_runner.OnnxMaskRCNN(folder / "fast.onnx", size),
+        f"{fp32}, basic graph optimisations only": other_session(folder / "fast.onnx", levels.ORT_ENABLE_BASIC),
+        f"{fp32}, 1 thread": other_session(folder / "fast.onnx", levels.ORT_ENABLE_ALL, threads=1),
+        int8_name: onnx_runner.OnnxMaskRCNN(folder / "int8.onnx", size),
+    }
+    # notebook 05's threshold: notebook 07's choice for this checkpoint, else 0.5
+    threshold = diagnose.read_score_threshold(run_dir, default=0.5)
+    latency = speed.latency_side_by_side(variants, test_photos, rounds=args.rounds,
+                                         score_threshold=threshold, progress=False)
+    test = loader("test")
+    result = {"run_dir": str(run_dir), "proposals_chosen": chosen, "val_segm_AP_by_proposals": val_ap,
+              "test_photos": len(test_photos), "photo_size": list(test_photos[0].size),
+              "score_threshold": threshold, "variants": {}}
+    parts_photos = [pixels.to_float_image(photo.resize(inference.working_size(model, *photo.size)))
+                    for photo in test_photos[:3]]
+    for name, runner in variants.items():
+        ap = evaluate_coco(runner, test, torch.device("cpu"), class_names, progress=False)["segm_AP"]
+        if isinstance(runner, onnx_runner.OnnxMaskRCNN):
+            if hasattr(runner, "settings"):
+                profiled = other_session(runner.path, *runner.settings, profile=True)
+            else:
+                profiled = onnx_runner.OnnxMaskRCNN(runner.path, size, profile=True)
+            for image in parts_photos:
+                profiled([image])
+            profile = Path(profiled.session.end_profiling())
+            parts = speed.onnx_parts(profile)
+            profile.unlink()
+        else:
+            per_photo = [speed.eager_parts(runner, [image])[1] for image in parts_photos]
+            parts = {part: statistics.fmean(p[part] for p in per_photo) for part in speed.PARTS}
+        # what the model itself returns (its internal cut, 0.05): the detections whose masks it pastes
+        returned = statistics.fmean(len(runner([image])[0]["scores"]) for image in parts_photos)
+        result["variants"][name] = {"ms": 1000 * latency[name]["seconds"], "detections": latency[name]["detections"],
+                                    "returned_detections": returned,
+                                    "test_segm_AP": ap, "parts_ms": {k: 1000 * v for k, v in parts.items()}}
+    # int8 against float32, detection by detection (same proposals)
+    fp32, int8 = variants[fp32], variants[int8_name]
+    box, mask = [], []
+    for photo in parts_photos:
+        match = export.match_detections(fp32([photo])[0], int8([photo])[0], score_threshold=threshold)
+        box += match["box_iou"].tolist()
+        mask += match["mask_iou"].tolist()
+    result["int8_vs_fp32"] = {"detections": len(box), "score_threshold": threshold, "min_box_iou": min(box, default=1.0),
+                              "min_mask_iou": min(mask, default=1.0)}
+    return result
 
 
 def measure_predict_memory(args) -> dict:
@@ -335,9 +463,44 @@ def measure_predict_memory(args) -> dict:
             "photo": list(image.size)}
 
 
+def draw_cpu_inference(trained: dict, path: Path, machine: str) -> Path:
+    """A stacked bar per path: its time per stage (speed.PARTS) per photo, with its speed-up and
+    test mask AP, so where the time goes and what each change removed can be seen at a glance."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from maskrcnn_labelme.speed import PARTS
+
+    variants = trained["variants"]
+    names = list(variants)[::-1]
+    base = variants["eager, 1000 proposals"]["ms"]
+    figure, ax = plt.subplots(figsize=(12, 0.6 * len(names) + 1.6))
+    left = [0.0] * len(names)
+    for part, color in zip(PARTS, ("#bbbbbb", "#4878a8", "#e0a040", "#c04848", "#60a060")):
+        widths = [variants[name]["parts_ms"][part] for name in names]
+        ax.barh(names, widths, left=left, color=color, label=part)
+        left = [a + b for a, b in zip(left, widths)]
+    for row, name in enumerate(names):
+        figures = variants[name]
+        ax.text(max(left) * 1.02, row, f"{figures['ms']:.0f} ms/photo, {base / figures['ms']:.2f}x,\n"
+                f"test mask AP {figures['test_segm_AP']:.3f}", va="center", fontsize=9)
+    ax.set_xlim(0, max(left) * 1.75)
+    ax.set_xlabel("ms per photo by stage (profiled on 3 test photos); right: predict's median over "
+                  f"{trained['test_photos']} test photos")
+    ax.set_title(f"CPU inference with a trained model, {machine}", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
 MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step,
                 "train_interleaved": measure_train_interleaved, "fed": measure_fed_training,
-                "infer": measure_inference, "memory": measure_predict_memory}
+                "infer": measure_inference, "cpu_inference": measure_cpu_inference,
+                "memory": measure_predict_memory}
 
 
 # ---- the driver ----
@@ -346,7 +509,8 @@ MEASUREMENTS = {"pipeline": measure_pipeline, "train": measure_train_step,
 def in_subprocess(name: str, args, **overrides) -> dict:
     options = {**vars(args), **overrides}
     command = [sys.executable, __file__, "--measure", name]
-    for key in ("data", "size", "batch", "steps", "rounds", "pipeline_samples", "device", "variant"):
+    for key in ("data", "size", "batch", "steps", "rounds", "pipeline_samples", "device", "variant",
+                "run_dir", "calibration"):
         command += [f"--{key.replace('_', '-')}", str(options[key])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
@@ -366,6 +530,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
     parser.add_argument("--data", default=None, help="LabelMe folder (default: the student-ID dataset)")
     parser.add_argument("--with-tests", action="store_true", help="also time the test suite")
+    parser.add_argument("--run-dir", default="",
+                        help="run folder whose best_model.pt the CPU inference rows use (default: the "
+                             "newest full-profile run folder, else a short CPU run made first)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--parts", default=None,
                         help="comma-separated parts to measure, of pipeline,train,infer,memory,tests "
@@ -376,7 +543,8 @@ def main() -> int:
     # internal: one measurement in this process
     parser.add_argument("--measure", choices=MEASUREMENTS, help=argparse.SUPPRESS)
     for key, default in (("size", 512), ("batch", 4), ("steps", 3), ("rounds", 3),
-                         ("pipeline-samples", 150), ("device", "cpu"), ("variant", "ours")):
+                         ("pipeline-samples", 150), ("device", "cpu"), ("variant", "ours"),
+                         ("calibration", 32)):
         parser.add_argument(f"--{key}", default=default, type=type(default), help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -449,13 +617,30 @@ def main() -> int:
     if "infer" in parts:
         print("inference latency, 640x480 photo, CPU...", flush=True)
         infer = {variant: in_subprocess("infer", args, variant=variant, size=512, steps=args.steps + 1)
-                 for variant in ("reference", "ours", "onnx")}
+                 for variant in ("reference", "ours")}
         results["inference_cpu_640x480"] = infer
         rows.append(("inference on CPU, 640x480, ms (eager)", infer["reference"]["ms"],
                      infer["ours"]["ms"], infer["reference"]["ms"] / infer["ours"]["ms"],
                      f"random weights: {infer['ours']['detections']} detections"))
-        rows.append(("inference on CPU, 640x480, ms (ours: eager vs ONNX Runtime)", infer["ours"]["ms"],
-                     infer["onnx"]["ms"], infer["ours"]["ms"] / infer["onnx"]["ms"], ""))
+        run_dir = find_trained_run(args.run_dir, args.data, args.quick)
+        print(f"CPU inference with {run_dir}/best_model.pt: eager vs ONNX Runtime...", flush=True)
+        trained = in_subprocess("cpu_inference", args, run_dir=str(run_dir),
+                                pipeline_samples=8 if args.quick else 1000,
+                                calibration=8 if args.quick else 32, rounds=1 if args.quick else 2)
+        results["trained_inference_cpu"] = trained
+        figure = draw_cpu_inference(trained, Path(args.output).with_name("cpu_inference.png"),
+                                    results["machine"])
+        print(f"figure: {figure}")
+        variants = trained["variants"]
+        base = variants["eager, 1000 proposals"]
+        photos = f"{trained['test_photos']} test photos at {trained['photo_size'][0]}x{trained['photo_size'][1]}"
+        for name, figures in variants.items():
+            parts = ", ".join(f"{part} {ms:.0f}" for part, ms in figures["parts_ms"].items())
+            rows.append((f"predict on CPU, trained model, ms per photo: eager 1000 proposals vs {name}",
+                         base["ms"], figures["ms"], base["ms"] / figures["ms"],
+                         f"{photos}; {figures['detections']:.2f} detections kept per photo at score "
+                         f">= {trained['score_threshold']:.2f} ({figures['returned_detections']:.1f} returned), "
+                         f"test mask AP {figures['test_segm_AP']:.3f}; time per stage (ms): {parts}"))
 
     if "memory" in parts:
         print("peak memory of predict, 6000x4000 photo, CPU...", flush=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import artifacts, augment, draw, inference, runs, targets
+from . import artifacts, augment, diagnose, draw, inference, runs, targets
 
 __all__ = ["make_figures"]
 
@@ -60,7 +60,8 @@ def _grid(images, titles, columns: int):
     return figure
 
 
-def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = False) -> list[Path]:
+def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = False,
+                 note: str | None = None) -> list[Path]:
     """Write the figures of `run_dir` into `out`; returns the files written."""
     from torchvision.transforms.v2 import functional as TF
 
@@ -95,6 +96,7 @@ def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = Fal
     written.append(_save(figure, out / "training_curves.png"))
 
     model, class_names = inference.load_trained_model(run_dir, smoke=smoke)
+    threshold = diagnose.read_score_threshold(run_dir, default=0.5)  # notebook 05's threshold
     tests = runs.manifest_samples(manifest, "test")[:photos]
     panels, titles = [], []
     for sample in tests:
@@ -102,18 +104,18 @@ def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = Fal
         truth = torch.from_numpy(sample.rasterize())
         panels.append(draw.draw_instances(TF.pil_to_tensor(photo), truth, targets.boxes_from_masks(truth),
                                           [instance.label for instance in sample.instances]))
-        prediction = inference.predict(model, photo)
+        prediction = inference.predict(model, photo, score_threshold=threshold)
         panels.append(draw.draw_instances(
             TF.pil_to_tensor(photo), prediction["masks"], prediction["boxes"],
             [f"{class_names[l]} {s:.0%}" for l, s in zip(prediction["labels"], prediction["scores"].tolist())]))
-        titles += [f"{sample.stem}: annotation", f"{sample.stem}: prediction"]
+        titles += [f"{sample.stem}: annotation", f"{sample.stem}: prediction (score >= {threshold:.2f})"]
     written.append(_save(_grid(panels, titles, 4), out / "predictions.jpg"))
 
-    written.append(_about(run_dir, out, size))
+    written.append(_about(run_dir, out, size, threshold, note))
     return written
 
 
-def _about(run_dir: Path, out: Path, image_size: int) -> Path:
+def _about(run_dir: Path, out: Path, image_size: int, threshold: float, note: str | None = None) -> Path:
     """about.md: where the figures come from, in words a reader can check."""
     def read(name: str) -> dict:
         path = run_dir / name
@@ -123,7 +125,9 @@ def _about(run_dir: Path, out: Path, image_size: int) -> Path:
     device = trained.get("device", "unknown device")
     if device.startswith("cuda") and torch.cuda.is_available():
         device = f"{device} ({torch.cuda.get_device_name(0)})"
-    weights = "COCO weights" if trained.get("pretrained") else "random weights (no COCO weights)"
+    weights = ("COCO weights asked for (offline, the model falls back to random weights with a loud "
+               "message; the note below says so when it did)" if trained.get("pretrained")
+               else "random weights (no COCO weights)")
     epochs = trained.get("epochs", "?")
     lines = [
         "# Where these figures come from",
@@ -135,6 +139,8 @@ def _about(run_dir: Path, out: Path, image_size: int) -> Path:
         "- Test split (best checkpoint, epoch {}): box AP {}, mask AP {}, mask AP50 {}.".format(
             scores.get("epoch", "?"), *(f"{scores[k]:.3f}" if k in scores else "?"
                                         for k in ("bbox_AP", "segm_AP", "segm_AP50"))),
+        f"- Predictions drawn at score >= {threshold:.2f} (notebook 07's threshold for this checkpoint, else 0.5).",
+        *([f"- Note: {note}"] if note else []),
         "",
         "Made with `python -m maskrcnn_labelme.figures`.",
     ]
@@ -147,10 +153,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The figures of a finished run, for the README.")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: the run notebook 01 last wrote")
     parser.add_argument("--out", type=Path, default=runs.PROJECT_ROOT / "images")
+    parser.add_argument("--note", default=None, help="a line for about.md, e.g. what the run lacked")
     args = parser.parse_args(argv)
     smoke = runs.smoke_profile()
     run_dir = args.run_dir or runs.latest_run_dir(smoke)
-    for path in make_figures(run_dir, args.out, smoke=smoke):
+    for path in make_figures(run_dir, args.out, smoke=smoke, note=args.note):
         print(f"{runs.show_path(path)}  {path.stat().st_size / 1e3:.0f} kB")
 
 

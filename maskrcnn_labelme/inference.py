@@ -11,7 +11,8 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,13 @@ from .models import build_model
 from .runs import BEST_MODEL_NAME, load_checkpoint, write_json_atomic
 
 __all__ = [
-    "load_trained_model", "mask_to_polygons", "predict", "predict_folder", "prediction_to_labelme",
-    "upsample_mask", "working_size",
+    "DEFAULT_PROPOSALS", "choose_proposals", "load_trained_model", "mask_to_polygons", "predict",
+    "predict_folder", "prediction_to_labelme", "proposals", "set_proposals", "upsample_mask",
+    "working_size",
 ]
+
+# Region proposals the RPN hands to the RoI heads per image at inference: torchvision's default.
+DEFAULT_PROPOSALS = 1000
 
 
 def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = "cpu", *,
@@ -83,6 +88,54 @@ def _checkpoint_path(run_dir: Path, checkpoint: os.PathLike | str | None) -> Pat
             partial.unlink(missing_ok=True)
         print(f"Downloaded {text} to {runs.show_path(own)}")
     return own
+
+
+def proposals(model: torch.nn.Module) -> int:
+    """How many region proposals per image `model` (in eval mode) hands to its RoI heads."""
+    return int(model.rpn._post_nms_top_n["testing"])
+
+
+def set_proposals(model: torch.nn.Module, count: int) -> torch.nn.Module:
+    """Keep only the `count` best region proposals per image at inference (eval mode; training
+    is untouched); returns the model.
+
+    The box head runs four convolutions and a linear layer on every proposal: with torchvision's
+    1000 that is most of the model's work on a CPU, far more than the backbone. A photo with a
+    handful of objects needs far fewer; ``choose_proposals`` measures how few keep the accuracy.
+    The number is torchvision's ``rpn_post_nms_top_n_test``, which the RPN keeps in this dict.
+    """
+    if count < 1:
+        raise ValueError(f"the number of proposals must be at least 1, got {count}")
+    model.rpn._post_nms_top_n["testing"] = int(count)
+    return model
+
+
+def choose_proposals(model: torch.nn.Module, loader, class_names: Sequence[str], *,
+                     candidates: Sequence[int] = (1000, 500, 300, 200, 100, 50),
+                     tolerance: float = 0.01, device: torch.device | str = "cpu",
+                     progress: bool = True) -> tuple[int, dict[int, float]]:
+    """The fewest proposals (of `candidates`) whose COCO mask AP on `loader` is within
+    `tolerance` of the AP with the most of them; returns (that count, mask AP per count).
+
+    Use the validation split: choosing on the test split would tune to the photos the final
+    score is reported on. The model's proposal count is restored afterwards.
+    """
+    from tqdm.auto import tqdm
+
+    from .coco_eval import evaluate_coco
+
+    before = proposals(model)
+    counts = sorted(set(candidates), reverse=True)
+    ap = {}
+    try:
+        for count in tqdm(counts, desc="proposal counts", disable=not progress):
+            set_proposals(model, count)
+            ap[count] = evaluate_coco(model, loader, torch.device(device), class_names,
+                                      progress=False)["segm_AP"]
+    finally:
+        set_proposals(model, before)
+    good = [count for count in counts if ap[count] >= ap[counts[0]] - tolerance]
+    return min(good), ap
 
 
 def working_size(model: torch.nn.Module, width: int, height: int) -> tuple[int, int]:
@@ -199,8 +252,10 @@ def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], 
     LabelMe JSON file beside it, and a drawing of them in out_dir/annotated/.
 
     Open out_dir in LabelMe, correct the predictions, and train on the folder: model-assisted
-    labelling. A JSON file already in out_dir is never overwritten (it may hold your
-    corrections); delete it to get a fresh prediction. Returns one summary row per image; a
+    labelling. `model` is the PyTorch model or an exported one (``onnx_runner.OnnxMaskRCNN``,
+    often faster on a CPU). The next photo is decoded while the current one is predicted, and
+    the progress bar shows photos per second. A JSON file already in out_dir is never
+    overwritten (it may hold your corrections); delete it to get a fresh prediction. Returns one summary row per image; a
     detection whose mask is too small to trace (under 16 pixels) has no LabelMe instance.
 
     A file that cannot be read (not an image, cut short, missing) does not stop the run, which
@@ -217,19 +272,42 @@ def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], 
     paths = [Path(p) for p in images]
     rows = []
     started = time.perf_counter()
-    with tqdm(zip(paths, _output_stems(paths)), total=len(paths), desc="predicting",
-              disable=not progress) as bar:
-        for done, (path, stem) in enumerate(bar, start=1):
-            try:
-                rows.append(_predict_photo(model, path, out_dir, stem, class_names, colors, device,
-                                           score_threshold=score_threshold,
-                                           mask_threshold=mask_threshold))
-            except _UnreadablePhoto as error:
-                tqdm.write(f"WARNING: {error} (skipped)", file=sys.stderr)
+    with tqdm(zip(_photos_ahead(paths), _output_stems(paths)), total=len(paths), desc="predicting",
+              unit="photo", disable=not progress) as bar:
+        for done, ((path, image), stem) in enumerate(bar, start=1):
+            if isinstance(image, _UnreadablePhoto):
+                tqdm.write(f"WARNING: {image} (skipped)", file=sys.stderr)
                 rows.append({"image": path.name, "detections": None, "labelme instances": None,
-                             "json": f"error: {error}", "json file": None})
+                             "json": f"error: {image}", "json file": None})
+            else:
+                rows.append(_predict_photo(model, image, path, out_dir, stem, class_names, colors,
+                                           device, score_threshold=score_threshold,
+                                           mask_threshold=mask_threshold))
+            del image  # the next photo is already being decoded: keep at most two in memory
             bar.set_postfix_str(f"{done / (time.perf_counter() - started):.2f} photos/s")
     return rows
+
+
+def _photos_ahead(paths: Sequence[Path]) -> Iterator[tuple[Path, Image.Image | _UnreadablePhoto]]:
+    """Each path with its decoded photo, or the error that says why it cannot be read, in order.
+
+    The next photo is decoded in a thread while the caller predicts the current one: decoding (a
+    large JPEG takes a few hundred milliseconds) and the model's work (PyTorch and ONNX Runtime
+    release Python's lock while they compute) overlap, and at most two photos are in memory.
+    """
+    def read(path: Path) -> Image.Image | _UnreadablePhoto:
+        try:
+            return _read_photo(path)
+        except _UnreadablePhoto as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        ahead = pool.submit(read, paths[0]) if paths else None
+        for index, path in enumerate(paths):
+            current = ahead.result()
+            ahead = pool.submit(read, paths[index + 1]) if index + 1 < len(paths) else None
+            yield path, current
+            del current
 
 
 class _UnreadablePhoto(OSError):
@@ -245,13 +323,12 @@ def _read_photo(path: Path) -> Image.Image:
         raise _UnreadablePhoto(f"cannot read {path}: {type(error).__name__}: {error}") from error
 
 
-def _predict_photo(model: torch.nn.Module, path: Path, out_dir: Path, stem: str,
+def _predict_photo(model: torch.nn.Module, image: Image.Image, path: Path, out_dir: Path, stem: str,
                    class_names: Sequence[str], colors: Sequence[Sequence[int]] | None, device, *,
                    score_threshold: float, mask_threshold: float) -> dict[str, Any]:
-    """predict_folder's work for one photo, writing its files under the name `stem`; returns its
-    summary row. A function of its own so that the photo, its masks and its drawing (hundreds of
-    MB for a large photo) are freed before the next photo is read."""
-    image = _read_photo(path)
+    """predict_folder's work for one photo (`image`, read from `path`), writing its files under
+    the name `stem`; returns its summary row. A function of its own so that the masks and the
+    drawing (hundreds of MB for a large photo) are freed before the next photo."""
     prediction = predict(model, image, device, score_threshold=score_threshold,
                          mask_threshold=mask_threshold)
     names = [class_names[i] for i in prediction["labels"]]

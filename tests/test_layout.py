@@ -82,3 +82,20 @@ def test_the_setup_cell_refuses_another_copy_s_code(tmp_path):
     assert "another copy of the project" in result.stderr
     assert str(other) in result.stderr and str(ROOT) in result.stderr
     assert "pip install -e ." in result.stderr
+
+
+def test_every_figure_the_readme_and_notebooks_show_exists():
+    """images/ holds the figures of a full run; a reference to a missing one is a broken picture
+    on GitHub and Colab."""
+    import re
+
+    shown = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "notebooks").glob("*.ipynb"))]:
+        text = path.read_text(encoding="utf-8")
+        shown += [(path.name, name) for name in re.findall(r"\(\.{0,2}/?images/([\w.-]+\.(?:png|jpg))\)", text)]
+    assert {name for _, name in shown} >= {"predictions.jpg", "training_curves.png"}
+    missing = [(where, name) for where, name in shown if not (ROOT / "images" / name).is_file()]
+    assert not missing, missing
+    assert (ROOT / "images" / "about.md").is_file()
+    big = [p.name for p in (ROOT / "images").iterdir() if p.stat().st_size > 400_000]
+    assert not big, f"figures over 400 kB: {big}"
