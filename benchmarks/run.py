@@ -349,8 +349,10 @@ def measure_cpu_inference(args) -> dict:
     export.export_onnx(model, folder / "default.onnx", example)
     fast = inference.set_proposals(copy.deepcopy(model), chosen)
     export.export_onnx(fast, folder / "fast.onnx", example)
-    calibration = [pixels.to_float_image(s.load_image().resize(inference.working_size(model, *s.load_image().size)))
-                   for s in runs.manifest_samples(manifest, "train")[:args.calibration]]
+    calibration = []
+    for sample in runs.manifest_samples(manifest, "train")[:args.calibration]:
+        photo = sample.load_image()
+        calibration.append(pixels.to_float_image(photo.resize(inference.working_size(model, *photo.size))))
     onnx_runner.quantize_backbone(folder / "fast.onnx", folder / "int8.onnx", calibration)
 
     channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
