@@ -8,6 +8,8 @@
     python3 tasks.py lab                  # set up, then open JupyterLab on the notebooks
     python3 tasks.py execute              # developers: re-run the notebooks in the smoke profile
                                           # in place, refreshing the outputs nbval compares with
+    python3 tasks.py sync                 # developers: copy the package's definitions into the
+                                          # notebooks' "Shown as it is in ..." cells
     python3 tasks.py set-repo URL         # write the repository's address everywhere it is used
     python3 tasks.py classroom-kit DIR    # online, once: everything an offline room needs, in DIR
 
@@ -22,6 +24,7 @@ dataset and COCO weights are put in place first.
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import os
@@ -166,6 +169,67 @@ def _write_if_changed(path: Path, text: str) -> list[Path]:
     return [path]
 
 
+# ---- shown code: the package is the single source ---------------------------------------------
+
+# A notebook cell that starts with one of these lines holds definitions taken from the package:
+# "as it is in" ones are run by the notebook (a learner's edit changes what happens), "to read"
+# ones are shown for reading only, and the cell says which package code calls them.
+SHOWN_MARKER = re.compile(r"^# Shown (?:as it is in|to read, from) (maskrcnn_labelme/\w+\.py)")
+
+
+def _definitions(tree: ast.Module) -> dict[str, ast.AST]:
+    kinds = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)
+    return {node.name: node for node in tree.body if isinstance(node, kinds)}
+
+
+def _span(node: ast.AST) -> tuple[int, int]:
+    """0-based first line (decorators included) and end line of a definition."""
+    first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+    return first - 1, node.end_lineno
+
+
+def synced_source(source: str) -> str:
+    """A shown cell's source with each definition replaced by the package's, to the character;
+    the cell's own lines around them (the marker, comments, imports) are kept."""
+    match = SHOWN_MARKER.match(source)
+    if not match:
+        return source
+    module_lines = (ROOT / match.group(1)).read_text(encoding="utf-8").splitlines(keepends=True)
+    package = _definitions(ast.parse("".join(module_lines)))
+    lines = source.splitlines(keepends=True)
+    for name, node in sorted(_definitions(ast.parse(source)).items(), key=lambda item: -item[1].lineno):
+        if name not in package:
+            raise SystemExit(f"{match.group(1)} has no top-level {name}, which a notebook shows")
+        start, end = _span(node)
+        first, last = _span(package[name])
+        lines[start:end] = module_lines[first:last]
+    text = "".join(lines)
+    return text if source.endswith("\n") else text.rstrip("\n")
+
+
+def sync_shown(write: bool = True) -> list[Path]:
+    """Copy the package's definitions into every shown cell; returns the notebooks that changed
+    (or would change, with write=False)."""
+    changed = []
+    for notebook in NOTEBOOKS:
+        data = json.loads(notebook.read_text(encoding="utf-8"))
+        touched = False
+        for cell in data["cells"]:
+            source = "".join(cell["source"])
+            if cell["cell_type"] != "code" or not SHOWN_MARKER.match(source):
+                continue
+            new = synced_source(source)
+            if new != source:
+                lines = new.split("\n")
+                cell["source"] = [line + "\n" for line in lines[:-1]] + ([lines[-1]] if lines[-1] else [])
+                touched = True
+        if touched:
+            changed.append(notebook)
+            if write:
+                notebook.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return changed
+
+
 # ---- the offline classroom kit ----------------------------------------------------------------
 
 
@@ -195,7 +259,7 @@ def find_kit(explicit: str | None) -> Path | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("command", choices=["setup", "tutorial", "test", "lab", "execute", "set-repo",
+    parser.add_argument("command", choices=["setup", "tutorial", "test", "lab", "execute", "sync", "set-repo",
                                             "classroom-kit"])
     parser.add_argument("target", nargs="?", help="set-repo: the GitHub address; classroom-kit: the folder")
     parser.add_argument("--no-venv", action="store_true", help="use the current interpreter as it is")
@@ -215,6 +279,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.command == "sync":
+        for path in sync_shown():
+            print(f"updated {path.relative_to(ROOT)}")
+        return 0
     if args.command == "set-repo":
         for path in set_repo(args.target):
             print(f"updated {path.relative_to(ROOT)}")

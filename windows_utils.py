@@ -8,7 +8,6 @@ on every platform; the rest of the library is the ``maskrcnn_labelme`` package.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,8 +19,10 @@ from torchvision.transforms.v2 import functional as TF
 
 from maskrcnn_labelme import labelme
 from maskrcnn_labelme.augment import Recipe, build_transforms
+from maskrcnn_labelme.data import EpochSampler
 from maskrcnn_labelme.labelme import LabelMeError, LabelMeSample, load_labelme_folder  # noqa: F401
 from maskrcnn_labelme.pixels import check_max_side
+from maskrcnn_labelme.settings import default_workers
 from maskrcnn_labelme.targets import labelme_item
 
 __all__ = ["LabelMeDataset", "collate_detection", "default_workers", "make_dataset", "make_loader"]
@@ -97,9 +98,13 @@ class LabelMeDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The sample at index `key`, or at ``key[0]`` with its random draws seeded by ``key[1]``
+        (what ``maskrcnn_labelme.data.EpochSampler`` yields: the same draws in any process)."""
+        i, seed = key if isinstance(key, tuple) else (key, None)
         if isinstance(self.transforms, Recipe):
-            return self.transforms(self.samples[i], self._labels[i])
+            generator = None if seed is None else torch.Generator().manual_seed(seed)
+            return self.transforms(self.samples[i], self._labels[i], generator)
         image, target = labelme_item(self.samples[i], self._labels[i], self.max_side)
         if self.transforms is not None:
             image, target = self.transforms(image, target)
@@ -127,22 +132,18 @@ def make_dataset(samples: Sequence[LabelMeSample], class_names: Sequence[str], *
     return LabelMeDataset(samples, class_names, transforms=build_transforms(train=train, size=image_size))
 
 
-def default_workers() -> int:
-    """DataLoader worker processes for this machine: half the cores, at most 4, at least 0."""
-    return min(4, (os.cpu_count() or 2) // 2)
-
-
 def make_loader(dataset: Dataset, *, batch_size: int, train: bool, device: torch.device,
                 workers: int | None = None, seed: int = 0, sampler: Sampler | None = None) -> DataLoader:
-    """A DataLoader for detection: shuffled with its own seeded generator when training, pinned
-    memory on CUDA (page-locked host memory, copied to the GPU without an extra staging copy),
-    workers kept alive between epochs. A `sampler` (one process's share under torchrun, see
-    ``maskrcnn_labelme.distributed``) replaces the shuffling."""
+    """A DataLoader for detection: when training, shuffled and augmented from (seed, epoch) by an
+    ``EpochSampler`` (``maskrcnn_labelme.data``: call its ``set_epoch``), pinned memory on CUDA
+    (page-locked host memory, copied to the GPU without an extra staging copy), workers kept alive
+    between epochs. A `sampler` (one process's share under torchrun) replaces the default one."""
     workers = default_workers() if workers is None else workers
+    if train and sampler is None:
+        sampler = EpochSampler(len(dataset), seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=train and sampler is None,
         sampler=sampler,
         # a batch of one destabilises BatchNorm (a sampler holds this process's share)
         drop_last=train and len(dataset if sampler is None else sampler) > batch_size,
@@ -150,5 +151,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, train: bool, device: torch
         persistent_workers=workers > 0,
         pin_memory=device.type == "cuda",
         collate_fn=collate_detection,
-        generator=torch.Generator().manual_seed(seed) if train else None,
+        # the workers' base seed comes from here, not from torch's global generator, which the
+        # model's own sampling uses: starting the workers must not shift that stream
+        generator=torch.Generator().manual_seed(seed),
     )

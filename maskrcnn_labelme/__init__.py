@@ -6,24 +6,28 @@ One module per responsibility, in the order the notebooks need them:
                  checks each field of one file
 - ``pixels``     decode images upright, draw shapes as masks (01, 03)
 - ``targets``    masks -> boxes -> the target dict Mask R-CNN trains on (01, 03)
-- ``runs``       project paths, the smoke switch, run folders, manifests, atomic writes (01-06)
+- ``runs``       project paths, the smoke switch, the run folder's file names (01-07)
+- ``checkpoints`` atomic writes, checkpoint loading, the ``Checkpointer`` behind ``fit`` (01-07)
+- ``splits``     the seeded train/val/test split (01)
 - ``download``   fetch the student-ID dataset, or fall back to the embedded sample (01)
 - ``devices``    pick the device and the precision, check versions (all)
 - ``draw``       masks and boxes on images, training curves (01, 03, 04, 05)
 - ``models``     build Mask R-CNN with new heads for your classes (02)
 - ``augment``    the plan-first augmentation recipes (03)
-- ``engine``     the training step, one epoch, validation loss, ``fit`` with resume (04)
+- ``settings``   ``TrainSettings``: every training setting, by device and profile (04, command)
+- ``data``       the splits' loaders, seeded by (seed, epoch) for exact resume (04, 06, command)
+- ``engine``     the training step, validation loss, the loop ``fit``, the test score (04)
 - ``coco_eval``  COCO box and mask AP with pycocotools (04)
 - ``inference``  predictions on photos, LabelMe files from predictions (05)
 - ``export``     ONNX export and the parity check against PyTorch (06)
-- ``artifacts``  the manifest and model settings, rebuilt when missing (02-06)
+- ``artifacts``  the manifest and model settings: read, and rebuilt when missing (02-07)
 - ``train``      notebook 04 as a command, on one process or many under torchrun
 - ``distributed`` process group, sampler and gathering for DistributedDataParallel
 - ``kit``        the offline classroom kit
 - ``diagnose``   AP per class and size, confusion matrix, galleries, threshold sweep, relabelling (07)
 - ``coco_export`` the split as COCO instance files
 - ``figures``    the figures of a finished run, for images/ and the README
-- ``reference``  the reference tutorial's data pipeline, for comparisons (03, benchmark)
+- ``cjm_pipeline`` the reference tutorial's (cj-mills') data pipeline, for comparisons (03, benchmark)
 
 The dataset, its collate function and the loader factory live in the top-level
 ``windows_utils.py``, which spawn-started DataLoader workers import. Nothing is imported here, so

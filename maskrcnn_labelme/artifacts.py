@@ -9,17 +9,19 @@ default settings, and says so. (A checkpoint cannot be rebuilt that way: see
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import download, labelme, runs
+from . import checkpoints, download, labelme, runs, splits
+from .checkpoints import ArtifactError
 
 __all__ = [
-    "ARCHITECTURE", "SEED", "SPLIT_FRACTIONS", "build_manifest", "class_colors", "class_names_of",
-    "default_image_size", "labels_file_of", "manifest_or_rebuild", "model_settings",
-    "model_settings_or_rebuild",
+    "ARCHITECTURE", "ArtifactError", "SEED", "SPLIT_FRACTIONS", "build_manifest", "class_colors", "class_names_of",
+    "default_image_size", "labels_file_of", "load_manifest", "manifest_or_rebuild", "manifest_samples", "model_settings",
+    "model_settings_or_rebuild", "read_artifact",
 ]
 
 # Notebook 01's and 02's settings; tests/test_artifacts.py checks that the notebooks use these.
@@ -29,7 +31,10 @@ ARCHITECTURE = "maskrcnn_resnet50_fpn_v2"
 
 
 def default_image_size(smoke: bool) -> int:
-    return 256 if smoke else 512
+    """Notebook 02's training size: the profile's, from ``settings.PROFILE_DEFAULTS``."""
+    from .settings import PROFILE_DEFAULTS
+
+    return PROFILE_DEFAULTS["smoke" if smoke else "GPU"]["image_size"]
 
 
 def class_names_of(samples: Sequence[labelme.LabelMeSample]) -> list[str]:
@@ -66,7 +71,7 @@ def build_manifest(data_dir: os.PathLike | str, samples: Sequence[labelme.LabelM
         "class_names": class_names,
         "colors": class_colors(len(class_names) - 1, seed),
         "seed": seed,
-        "splits": runs.split_by_class(samples, fractions, seed=seed),
+        "splits": splits.split_by_class(samples, fractions, seed=seed),
     }
 
 
@@ -79,8 +84,8 @@ def manifest_or_rebuild(run_dir: os.PathLike | str, smoke: bool) -> dict[str, An
               "default settings.")
         data_dir = download.get_dataset_dir(os.environ.get(runs.DATA_DIR_ENV), smoke=smoke)
         samples = labelme.load_labelme_folder(data_dir, on_error="skip")
-        runs.write_json_atomic(path, build_manifest(data_dir, samples))
-    return runs.load_manifest(run_dir)
+        checkpoints.write_json_atomic(path, build_manifest(data_dir, samples))
+    return load_manifest(run_dir)
 
 
 def model_settings(num_classes: int, image_size: int, pretrained: bool) -> dict[str, Any]:
@@ -95,6 +100,57 @@ def model_settings_or_rebuild(run_dir: os.PathLike | str, smoke: bool) -> dict[s
     if not path.is_file():
         manifest = manifest_or_rebuild(run_dir, smoke)
         print(f"{runs.show_path(path)} is missing: writing notebook 02's default settings.")
-        runs.write_json_atomic(path, model_settings(len(manifest["class_names"]),
+        checkpoints.write_json_atomic(path, model_settings(len(manifest["class_names"]),
                                                     default_image_size(smoke), not smoke))
-    return runs.read_artifact(run_dir, runs.MODEL_SETTINGS_NAME, "02_model_setup")
+    return read_artifact(run_dir, runs.MODEL_SETTINGS_NAME, "02_model_setup")
+
+
+def read_artifact(run_dir: os.PathLike | str, name: str, notebook: str) -> dict[str, Any]:
+    """Read a JSON file an earlier notebook wrote, saying which notebook to run when it is missing
+    or damaged."""
+    path = Path(run_dir) / name
+    rerun = f"Run notebooks/{notebook}.ipynb again (with the same {runs.SMOKE_ENV} setting): it writes this file."
+    if not path.is_file():
+        raise FileNotFoundError(f"{runs.show_path(path)} does not exist. {rerun}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{runs.show_path(path)} is damaged (cut short or edited by hand?): "
+                            f"{error}. {rerun}") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{runs.show_path(path)} does not hold a JSON object. {rerun}")
+    return data
+
+
+def load_manifest(run_dir: os.PathLike | str) -> dict[str, Any]:
+    """The dataset manifest of notebook 01: data folder, class names, colours and the split.
+
+    Checked before use: the data folder still exists, and no photo is in two splits (a test photo
+    that was also trained on would make the test score a lie).
+    """
+    path = Path(run_dir) / runs.MANIFEST_NAME
+    manifest = read_artifact(run_dir, runs.MANIFEST_NAME, "01_data_exploration")
+    missing = [key for key in ("data_dir", "class_names", "splits") if key not in manifest]
+    if missing:
+        raise ArtifactError(f"{runs.show_path(path)} lacks {', '.join(missing)}. Run notebook 01 again.")
+    if not Path(manifest["data_dir"]).is_dir():
+        raise FileNotFoundError(
+            f"{runs.show_path(path)} names the data folder {manifest['data_dir']}, which is gone. Run "
+            "notebook 01 again."
+        )
+    seen: dict[str, str] = {}
+    for split, stems in manifest["splits"].items():
+        for stem in stems:
+            if stem in seen and seen[stem] != split:
+                raise ArtifactError(
+                    f"{runs.show_path(path)} puts {stem} in both {seen[stem]!r} and {split!r}: a photo "
+                    "must be in one split only. Run notebook 01 again to write a clean split."
+                )
+            seen[stem] = split
+    return manifest
+
+
+def manifest_samples(manifest: Mapping[str, Any], split: str) -> list[labelme.LabelMeSample]:
+    """The samples of one split, loaded from the folder the manifest names."""
+    folder = Path(manifest["data_dir"])
+    return [labelme.load_labelme_file(folder / f"{stem}.json") for stem in manifest["splits"][split]]

@@ -113,11 +113,12 @@ class Recipe:
 
     # -- phase 1: the plan --
 
-    def plan(self, sample: LabelMeSample) -> AugmentPlan:
-        """Draw the choices for `sample` from its size and its instances' extents alone."""
+    def plan(self, sample: LabelMeSample, generator: torch.Generator | None = None) -> AugmentPlan:
+        """Draw the choices for `sample` from its size and its instances' extents alone, from
+        `generator` (default: torch's global one)."""
         width, height = sample.width, sample.height
         left, top, crop_w, crop_h = (
-            self.draw_crop(width, height, sample.instance_boxes()) if self.train
+            self.sample_crop(width, height, sample.instance_boxes(), generator) if self.train
             else (0, 0, width, height)
         )
         scale = self.size / max(crop_w, crop_h)
@@ -126,8 +127,8 @@ class Recipe:
         spare_x, spare_y = self.size - resized[0], self.size - resized[1]
         if not self.train:
             return AugmentPlan((left, top, crop_w, crop_h), resized, (spare_x // 2, spare_y // 2))
-        order = torch.randperm(len(_COLOUR_ADJUSTMENTS)).tolist()
-        draws = torch.rand(10).tolist()  # 4 jitter factors, 4 coins, 2 offsets
+        order = torch.randperm(len(_COLOUR_ADJUSTMENTS), generator=generator).tolist()
+        draws = torch.rand(10, generator=generator).tolist()  # 4 jitter factors, 4 coins, 2 offsets
         jitter = tuple(
             (name, low + (high - low) * draw)
             for name, draw in zip((_COLOUR_ADJUSTMENTS[i] for i in order), draws)
@@ -144,7 +145,8 @@ class Recipe:
             posterize_bits=self.posterize_bits if posterize else None,
         )
 
-    def draw_crop(self, width: int, height: int, boxes: np.ndarray) -> tuple[int, int, int, int]:
+    def sample_crop(self, width: int, height: int, boxes: np.ndarray, generator: torch.Generator | None = None
+                    ) -> tuple[int, int, int, int]:
         """(left, top, width, height) of a crop that keeps at least a sampled IoU with an instance.
 
         The SSD-style crop of torchvision's RandomIoUCrop, except that each try is centred on a
@@ -165,10 +167,10 @@ class Recipe:
             # Draw the random numbers of 32 tries at once (one torch call each instead of 32);
             # the tries are still taken in order and the first that succeeds wins.
             tries = min(32, self.crop_trials - first)
-            min_ious = ious[torch.randint(len(ious), (tries,)).numpy()]
-            scales = low + (high - low) * torch.rand(tries, 2).double().numpy()
-            anchors = torch.randint(len(boxes), (tries,)).numpy()
-            jitters = self.crop_jitter * torch.randn(tries, 2).double().numpy()
+            min_ious = ious[torch.randint(len(ious), (tries,), generator=generator).numpy()]
+            scales = low + (high - low) * torch.rand(tries, 2, generator=generator).double().numpy()
+            anchors = torch.randint(len(boxes), (tries,), generator=generator).numpy()
+            jitters = self.crop_jitter * torch.randn(tries, 2, generator=generator).double().numpy()
             for min_iou, scale, anchor, jitter in zip(min_ious, scales, anchors, jitters):
                 if min_iou >= 1.0:
                     return whole
@@ -191,10 +193,11 @@ class Recipe:
 
     # -- phase 2: carry it out --
 
-    def __call__(self, sample: LabelMeSample, labels: Sequence[int]
+    def __call__(self, sample: LabelMeSample, labels: Sequence[int], generator: torch.Generator | None = None
                  ) -> tuple[tv_tensors.Image, dict[str, torch.Tensor]]:
-        """The augmented (image, target) of `sample`; `labels` = class index of each instance."""
-        plan = self.plan(sample)
+        """The augmented (image, target) of `sample`; `labels` = class index of each instance.
+        The random choices come from `generator` (default: torch's global one)."""
+        plan = self.plan(sample, generator)
         crop, region = self.decode_crop(sample, plan)
         image = self.place_image(self.resize_and_recolour(crop, plan), plan)
         return tv_tensors.Image(image), self.target(sample, plan, region, labels)

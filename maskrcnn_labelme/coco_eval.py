@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import distributed
 from .devices import autocast
 
 __all__ = ["METRIC_NAMES", "coco_annotation", "coco_ap", "coco_evaluator", "coco_inputs", "evaluate_coco",
@@ -165,7 +166,16 @@ def evaluate_coco(model, loader, device, class_names: Sequence[str], *, progress
     Images are evaluated at the size the validation recipe produces (the model's training
     size); a detection's soft mask is cut at `mask_threshold`. Returns bbox_AP, bbox_AP50,
     bbox_AP75, segm_AP, segm_AP50, segm_AP75 (0-1; -1 when there is nothing to evaluate).
-    Under torchrun, ``distributed.evaluate_coco`` runs it over the processes' shares of a split.
+    Under torchrun each process runs the model on its share of the split (the plain model, not
+    the DDP wrapper: shares may differ in length); rank 0 gathers every photo's record, scores
+    them all in dataset order, as one process would, and sends the numbers to every process.
     """
     records = image_records(model, loader, device, progress=progress, mask_threshold=mask_threshold)
-    return score_records(records, class_names)
+    if distributed.world_size() == 1:
+        return coco_ap(*coco_inputs(records, class_names), class_names)
+    shares = distributed.gather_to_main(dict(zip(distributed.loader_indices(loader), records)))
+    metrics = None
+    if shares is not None:  # rank 0; a loader that is not sharded gives each photo once per process
+        merged = {index: record for share in shares for index, record in share.items()}
+        metrics = coco_ap(*coco_inputs([merged[index] for index in sorted(merged)], class_names), class_names)
+    return distributed.broadcast_from_main(metrics)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import runs, targets
+from . import artifacts, checkpoints, targets
 from .coco_eval import coco_annotation
 
 if TYPE_CHECKING:
@@ -91,7 +91,7 @@ def _image_entry(sample: LabelMeSample, image_id: int, out_dir: Path) -> dict[st
             suffix = f".{(image.format or 'png').lower().replace('jpeg', 'jpg')}"
         path = out_dir / "images" / f"{sample.stem}{suffix}"
         path.parent.mkdir(parents=True, exist_ok=True)
-        runs.atomic_write(path, lambda tmp: tmp.write_bytes(sample.image_bytes))
+        checkpoints.atomic_write(path, lambda tmp: tmp.write_bytes(sample.image_bytes))
     return {"id": image_id, "file_name": Path(path).name, "path": str(Path(path).resolve()),
             "width": sample.width, "height": sample.height}
 
@@ -139,14 +139,14 @@ def coco_document(samples: Sequence[LabelMeSample], class_names: Sequence[str], 
 def write_coco(manifest: Mapping[str, Any], out_dir: os.PathLike | str, *,
                masks: Literal["rle", "polygon"] = "rle", splits: Sequence[str] | None = None) -> dict[str, Path]:
     """Write ``instances_<split>.json`` into `out_dir` for each split of the manifest (notebook
-    01's ``dataset_manifest.json``, e.g. ``runs.load_manifest(run_dir)``); returns the paths."""
+    01's ``dataset_manifest.json``, e.g. ``artifacts.load_manifest(run_dir)``); returns the paths."""
     out_dir = Path(out_dir)
     written = {}
     for split in splits or list(manifest["splits"]):
-        samples = runs.manifest_samples(manifest, split)
+        samples = artifacts.manifest_samples(manifest, split)
         document = coco_document(samples, manifest["class_names"], masks=masks, out_dir=out_dir,
                                  description=f"{split} split of {manifest['data_dir']}")
-        written[split] = runs.write_json_atomic(out_dir / f"instances_{split}.json", document)
+        written[split] = checkpoints.write_json_atomic(out_dir / f"instances_{split}.json", document)
     return written
 
 
@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--masks", choices=("rle", "polygon"), default="rle",
                         help="how masks are stored (default: rle)")
     args = parser.parse_args(argv)
-    manifest = runs.load_manifest(args.run_dir)
+    manifest = artifacts.load_manifest(args.run_dir)
     for split, path in write_coco(manifest, args.out_dir, masks=args.masks).items():
         print(f"{split:<6} {len(manifest['splits'][split]):>5} images -> {path}")
     return 0

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import coco_eval, inference, pixels, runs, targets
+from . import checkpoints, coco_eval, inference, pixels, runs, targets
 
 if TYPE_CHECKING:
     from .labelme import LabelMeSample
@@ -400,7 +400,7 @@ def write_score_threshold(run_dir: os.PathLike | str, choice: Mapping[str, Any],
                           checkpoint: os.PathLike | str | None = None, **about: Any) -> Path:
     """Write the chosen threshold to ``score_threshold.json`` in the run folder (for notebook
     05), with how it was chosen (`about`: the split, the IoU, ...) and which checkpoint it fits."""
-    return runs.write_json_atomic(Path(run_dir) / SCORE_THRESHOLD_NAME,
+    return checkpoints.write_json_atomic(Path(run_dir) / SCORE_THRESHOLD_NAME,
                                   {**choice, **about, "checkpoint_sha256": _digest(run_dir, checkpoint)})
 
 
@@ -581,5 +581,5 @@ def write_relabel_queue(path: os.PathLike | str, annotated: pd.DataFrame, unlabe
              for row in unlabelled.itertuples()]
     table = pd.DataFrame(rows, columns=["task", "open in LabelMe", "image", "split", "score", "details"])
     table.insert(0, "priority", range(1, len(table) + 1))
-    runs.write_text_atomic(path, table.to_csv(index=False))
+    checkpoints.write_text_atomic(path, table.to_csv(index=False))
     return table

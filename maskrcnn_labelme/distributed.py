@@ -20,11 +20,12 @@ its own share of the data; the decisions, in one place:
   peak learning rate whatever the number of processes. (The linear scaling rule is for SGD; AdamW
   normalises its steps, and nothing measured here says which rule suits this model. If the
   global batch grows k-fold, try up to sqrt(k) x lr.)
-- **Training data.** ``make_loaders`` gives the training loader a DistributedSampler: each process
-  takes every world-size-th photo of one shuffled order, reshuffled each epoch from (seed,
-  epoch) by ``set_epoch`` (``engine.fit`` calls it), so a resumed run sees the same order. If
-  the photos do not divide evenly, a few are repeated so every process makes the same number of
-  steps (DDP needs that). Each process draws its own augmentations (``train`` seeds it by rank).
+- **Training data.** ``data.split_loaders`` gives the training loader an ``EpochSampler``: each
+  process takes every world-size-th photo of one order shuffled from (seed, epoch), which
+  ``data.start_epoch`` (called by ``engine.fit``) sets each epoch, so a resumed run sees the same
+  order. If the photos do not divide evenly, a few are repeated so every process makes the same
+  number of steps (DDP needs that). Each photo's augmentation is seeded by (seed, epoch, photo),
+  and torch's global generator (the model's own sampling) by (seed, epoch, rank).
 - **BatchNorm.** The v2 model normalises with BatchNorm in its backbone, FPN and heads.
   Decision: **per-process statistics** (DDP's default). Each process normalises over its own
   per-GPU batch, exactly as one GPU does in notebook 04 at that batch size, so going from one GPU
@@ -37,7 +38,7 @@ its own share of the data; the decisions, in one place:
   opt-in with ``--sync-batchnorm``, for per-GPU batches of 1 or 2; PyTorch runs it on GPUs
   only, and it is not measured here.
 - **Evaluation.** Each process evaluates every world-size-th photo of the validation (and test)
-  split, none twice (``ShardSampler``); ``evaluate_coco`` gathers each photo's annotations and
+  split, none twice (``data.ShardSampler``); ``coco_eval.evaluate_coco`` gathers each photo's annotations and
   detections (run-length encoded, small) to rank 0, which scores them all in one pycocotools
   run, in dataset order, and sends the numbers back. That is the same score one process gets on
   the whole split, in 1/N of the time; evaluating the whole split on every process would cost N
@@ -53,20 +54,17 @@ from __future__ import annotations
 import datetime
 import io
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
 
-from . import coco_eval
 
 __all__ = [
-    "Context", "ShardSampler", "all_agree", "barrier", "close", "evaluate_coco",
-    "gather_to_main", "init", "is_main", "make_loaders", "mean_over_ranks", "rank", "sync_batchnorm",
-    "sync_buffers", "world_size", "wrap",
+    "Context", "all_agree", "barrier", "broadcast_from_main", "close", "gather_to_main", "init", "is_main",
+    "loader_indices", "mean_over_ranks", "rank", "sync_batchnorm", "sync_buffers", "world_size", "wrap",
 ]
 
 
@@ -190,7 +188,7 @@ def gather_to_main(obj: Any) -> list[Any] | None:
     return None if gathered is None else [_unpack(data) for data in gathered]
 
 
-def _broadcast_from_main(obj: Any) -> Any:
+def broadcast_from_main(obj: Any) -> Any:
     box = [_pack(obj) if is_main() else None]
     dist.broadcast_object_list(box, src=0)
     return _unpack(box[0])
@@ -223,62 +221,8 @@ def sync_batchnorm(model: torch.nn.Module, device: torch.device) -> torch.nn.Mod
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model) if world_size() > 1 else model
 
 
-class ShardSampler(Sampler[int]):
-    """Every `world_size`-th index from `rank`, in order and without repeats: the evaluation share
-    of one process (DistributedSampler would repeat photos to even out the shares, which would
-    count them twice in an evaluation)."""
-
-    def __init__(self, length: int, rank: int, world_size: int):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def make_loaders(datasets: Mapping[str, Any], *, batch_size: int, device: torch.device,
-                 workers: int | None, seed: int) -> dict[str, torch.utils.data.DataLoader]:
-    """Notebook 04's loaders ("train": batches of `batch_size`, others: one photo at a time), each
-    with this process's share of its split under torchrun (see the module's docstring)."""
-    import windows_utils
-
-    size = world_size()
-    loaders = {}
-    for name, dataset in datasets.items():
-        train = name == "train"
-        sampler = None
-        if size > 1:
-            sampler = (DistributedSampler(dataset, num_replicas=size, rank=rank(), shuffle=True, seed=seed)
-                       if train else ShardSampler(len(dataset), rank(), size))
-        loaders[name] = windows_utils.make_loader(dataset, batch_size=batch_size if train else 1, train=train,
-                                                  device=device, workers=workers, seed=seed, sampler=sampler)
-    return loaders
-
-
-def _loader_indices(loader) -> list[int]:
+def loader_indices(loader) -> list[int]:
     """The dataset index of each item `loader` yields, in order (its sampler must not shuffle)."""
     if loader.batch_sampler is not None:
         return [index for batch in loader.batch_sampler for index in batch]
     return list(loader.sampler)
-
-
-def evaluate_coco(model, loader, device, class_names: Sequence[str], *, progress: bool = True
-                  ) -> dict[str, float]:
-    """``coco_eval.evaluate_coco`` over the whole split, wherever each process's share of it is.
-
-    One process: exactly ``coco_eval.evaluate_coco``. Under torchrun each process runs the model
-    on its share (the plain model, not the DDP wrapper: shares may differ in length), rank 0
-    gathers every photo's record, keeps one per dataset index (a loader that is not sharded gives
-    the same photos on every process), scores them in dataset order and sends the numbers back.
-    """
-    if world_size() == 1:
-        return coco_eval.evaluate_coco(model, loader, device, class_names, progress=progress)
-    records = coco_eval.image_records(model, loader, device, progress=progress)
-    shares = gather_to_main(dict(zip(_loader_indices(loader), records)))
-    metrics = None
-    if shares is not None:
-        merged = {index: record for share in shares for index, record in share.items()}
-        metrics = coco_eval.score_records([merged[index] for index in sorted(merged)], class_names)
-    return _broadcast_from_main(metrics)

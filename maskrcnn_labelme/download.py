@@ -18,7 +18,8 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
-from .runs import DATA_DIR_ENV, PROJECT_ROOT, remove_stale_temp, show_path
+from .runs import DATA_DIR_ENV, PROJECT_ROOT, show_path
+from .checkpoints import remove_stale_temp
 
 __all__ = [
     "DATASET_COMMIT", "DATASET_SUBDIR", "DATASET_URL", "DATA_CACHE", "SAMPLE_DIR", "DownloadError",
@@ -147,7 +148,7 @@ def download_student_id(dest: Path, url: str = DATASET_URL, timeout: float = 30)
     The archive is streamed and extracted in a temporary folder ``.download-<pid>-<hex>`` beside
     the dataset, which is renamed into place at the end, so an interrupted download never leaves
     a half-filled dataset. The folder is removed when this call ends; one left by a killed
-    process is removed by the next download (runs.remove_stale_temp). Whatever is at dest is
+    process is removed by the next download (checkpoints.remove_stale_temp). Whatever is at dest is
     moved aside, never deleted. When dest is a symbolic link (the data kept on another disk),
     the dataset is built beside the folder it points to and renamed onto that path, so the link
     stays and keeps working. Every failure raises DownloadError naming the URL and the cause.

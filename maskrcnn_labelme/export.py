@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from .runs import atomic_write
+from .checkpoints import atomic_write
 
 __all__ = [
     "ONNX_OUTPUTS", "PARITY_TOLERANCES", "compare_detections", "export_onnx", "match_detections",

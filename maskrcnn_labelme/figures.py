@@ -71,7 +71,7 @@ def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = Fal
     class_names, size = manifest["class_names"], settings["image_size"]
     written = []
 
-    train = runs.manifest_samples(manifest, "train")
+    train = artifacts.manifest_samples(manifest, "train")
     busiest = sorted(train, key=lambda s: (-len(s.instances), s.stem))[:photos]
     drawn = []
     for sample in busiest:
@@ -97,7 +97,7 @@ def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = Fal
 
     model, class_names = inference.load_trained_model(run_dir, smoke=smoke)
     threshold = diagnose.read_score_threshold(run_dir, default=0.5)  # notebook 05's threshold
-    tests = runs.manifest_samples(manifest, "test")[:photos]
+    tests = artifacts.manifest_samples(manifest, "test")[:photos]
     panels, titles = [], []
     for sample in tests:
         photo = sample.load_image()

@@ -22,10 +22,11 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from . import artifacts, download, pixels, runs
+from . import artifacts, checkpoints, download, pixels, runs
 from .draw import draw_instances
 from .models import build_model
-from .runs import BEST_MODEL_NAME, load_checkpoint, write_json_atomic
+from .runs import BEST_MODEL_NAME
+from .checkpoints import load_checkpoint, write_json_atomic
 
 __all__ = [
     "DEFAULT_PROPOSALS", "choose_proposals", "load_trained_model", "mask_to_polygons", "predict",
@@ -53,13 +54,13 @@ def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = 
     path = _checkpoint_path(run_dir, checkpoint)
     state = load_checkpoint(path, device)
     class_names = list(state.get("class_names", []))
-    expected = runs.load_manifest(run_dir)["class_names"]
+    expected = artifacts.load_manifest(run_dir)["class_names"]
     if class_names != expected:
-        raise runs.ArtifactError(
+        raise checkpoints.ArtifactError(
             f"{runs.show_path(path)} was trained for the classes {class_names}, but this run's "
             f"manifest lists {expected}. Use the checkpoint of a run on this dataset.")
     model = build_model(len(class_names), image_size=settings["image_size"], pretrained=False)
-    runs.load_model_state(model, state, path)
+    checkpoints.load_model_state(model, state, path)
     return model.to(device).eval(), class_names
 
 
@@ -79,7 +80,7 @@ def _checkpoint_path(run_dir: Path, checkpoint: os.PathLike | str | None) -> Pat
             raise FileNotFoundError(f"CHECKPOINT points to {text}, which is not a file.")
         return Path(text).expanduser()
     if not own.is_file():
-        partial = runs.temp_name(own)
+        partial = checkpoints.temp_name(own)
         try:
             download.fetch(text, partial, timeout=60, desc=BEST_MODEL_NAME)
             load_checkpoint(partial)  # a damaged or foreign file never becomes best_model.pt

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import torch
 
-from .runs import atomic_write
+from .checkpoints import atomic_write
 
 __all__ = ["OnnxMaskRCNN", "backbone_nodes", "make_session", "quantize_backbone", "session_options"]
 

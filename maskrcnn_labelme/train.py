@@ -3,12 +3,14 @@
     python -m maskrcnn_labelme.train --data DIR --run-dir DIR [--epochs N] [--batch-size B] ...
     python -m torch.distributed.run --nproc_per_node N -m maskrcnn_labelme.train --data DIR --run-dir DIR
 
-It runs what notebook 04 runs (``windows_utils.make_dataset``, ``models.build_model``,
-``engine.fit``, ``coco_eval``) and leaves the same run folder: ``dataset_manifest.json`` and
+It runs what notebook 04 runs (``data.split_loaders``, ``models.build_model``, ``engine.fit``,
+``engine.score_on_test``) and leaves the same run folder: ``dataset_manifest.json`` and
 ``model_settings.json`` (written as notebooks 01 and 02 would, when the folder lacks them), then
 ``last_checkpoint.pt``, ``best_model.pt``, ``metrics.csv``/``.png``, ``train_settings.json`` and
-``test_metrics.json``, so notebooks 05 and 06 read its output unchanged. Settings come from the
-flags, or from a JSON file (``--config FILE``, same names with underscores) that flags override.
+``test_metrics.json``, so notebooks 05 and 06 read its output unchanged. Its flags are the fields
+of ``settings.TrainSettings`` (what notebook 04's settings cell builds), plus where the data and
+the run folder are; a JSON file (``--config FILE``, same names with underscores) can hold them,
+and flags override it. With TUTORIAL_SMOKE=1 the defaults are the smoke profile's, as in the notebook.
 Run it again to resume; ``--stop-after N`` ends after N epochs (a job with a time limit).
 What changes with several processes is explained in ``maskrcnn_labelme.distributed``.
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -27,94 +28,64 @@ from typing import Any
 
 import torch
 
-from . import artifacts, distributed, engine, labelme, models, runs
+from . import artifacts, checkpoints, data, distributed, engine, labelme, models, runs
+from .settings import TrainSettings
 
-__all__ = ["DEFAULTS", "main", "parse_settings", "prepare_run_folder", "train"]
+__all__ = ["COMMAND_OPTIONS", "main", "parse_settings", "prepare_run_folder", "train"]
 
-# name: (type, default, help); None means "decided later", as each help says
-DEFAULTS: dict[str, tuple[type, Any, str]] = {
-    "data": (str, None, "LabelMe folder (images + .json); needed until the run folder has a manifest"),
-    "run_dir": (str, None, "run folder: where the manifest, checkpoints and metrics live (required)"),
-    "epochs": (int, None, "epochs of the run (default: 40 on a CUDA GPU, 3 elsewhere, as notebook 04)"),
-    "batch_size": (int, 4, "images per step and process: the global batch is this x the processes"),
-    "lr": (float, 5e-4, "peak learning rate of the one-cycle schedule (not scaled with the processes)"),
-    "image_size": (int, None, "square training size in px (default: model_settings.json's, else 512)"),
-    "pretrained": (bool, None, "start from the COCO weights (default: model_settings.json's, else yes)"),
-    "train_images": (int, None, "use only the first N photos of the training split (default: all)"),
-    "eval_every": (int, 1, "COCO evaluation every N epochs, and after the last"),
-    "workers": (int, None, "DataLoader worker processes per training process (default: from the cores)"),
-    "seed": (int, artifacts.SEED, "seed of the split, the model's initial weights and the data order"),
-    "stop_after": (int, None, "end after N epochs of the run are done; run again to continue"),
-    "sync_batchnorm": (bool, False, "SyncBatchNorm over the global batch (CUDA, several processes)"),
-    "device": (str, None, "cuda, mps or cpu (default: CUDA if present; under torchrun GPU LOCAL_RANK)"),
-    "progress": (bool, True, "progress bars (rank 0 only)"),
+# what the command adds to TrainSettings' fields: where the data and the run live, and how to run
+COMMAND_OPTIONS: dict[str, tuple[Any, str]] = {
+    "data": (str, "LabelMe folder (images + .json); needed until the run folder has a manifest"),
+    "run_dir": (str, "run folder: where the manifest, checkpoints and metrics live (required)"),
+    "stop_after": (int, "end after N epochs of the run are done; run again to continue"),
+    "device": (str, "cuda, mps or cpu (default: CUDA if present; under torchrun GPU LOCAL_RANK)"),
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m maskrcnn_labelme.train", description=__doc__.split("\n")[0],
                                      argument_default=argparse.SUPPRESS)
-    parser.add_argument("--config", metavar="FILE", help="JSON settings file; flags override it")
-    for name, (kind, default, text) in DEFAULTS.items():
-        flag = "--" + name.replace("_", "-")
-        text = f"{text} [{default}]" if default is not None else text
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, help=text)
-        else:
-            metavar = {"data": "DIR", "run_dir": "DIR", "device": "{cuda,mps,cpu}", "lr": "LR"}.get(name, "N")
-            parser.add_argument(flag, type=kind, help=text, metavar=metavar,
-                                **({"choices": ["cuda", "mps", "cpu"]} if name == "device" else {}))
+    parser.add_argument("--config", metavar="FILE", help="JSON settings file (the names below, with "
+                        "underscores); flags override it")
+    parser.add_argument("--data", metavar="DIR", help=COMMAND_OPTIONS["data"][1])
+    parser.add_argument("--run-dir", metavar="DIR", help=COMMAND_OPTIONS["run_dir"][1])
+    parser.add_argument("--stop-after", type=int, metavar="N", help=COMMAND_OPTIONS["stop_after"][1])
+    parser.add_argument("--device", choices=["cuda", "mps", "cpu"], help=COMMAND_OPTIONS["device"][1])
+    TrainSettings.add_arguments(parser)
     return parser
 
 
-def _read_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    try:
-        config = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        parser.error(f"--config {path}: {error}")
-    if not isinstance(config, dict):
-        parser.error(f"--config {path} must hold a JSON object of settings")
-    config = {key.replace("-", "_"): value for key, value in config.items()}
-    unknown = sorted(set(config) - set(DEFAULTS))
-    if unknown:
-        parser.error(f"--config {path}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
-    for key, value in config.items():
-        kind = DEFAULTS[key][0]
-        if not _fits(value, kind):
-            parser.error(f"--config {path}: {key} must be a {kind.__name__}, got {value!r}")
-    return config
-
-
-def _fits(value: Any, kind: type) -> bool:
-    if value is None or kind is bool:
-        return value is None or isinstance(value, bool)
-    return not isinstance(value, bool) and (isinstance(value, kind) or kind is float and isinstance(value, int))
-
-
-def parse_settings(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    """The settings of a run: the defaults, then the ``--config`` file, then the flags given."""
+def parse_settings(argv: Sequence[str] | None = None) -> tuple[TrainSettings, dict[str, Any]]:
+    """The run's TrainSettings (defaults, then the ``--config`` file, then the flags given) and the
+    command's own options (data, run_dir, stop_after, device)."""
     parser = _parser()
     given = vars(parser.parse_args(argv))
-    config = _read_config(parser, given.pop("config")) if "config" in given else {}
-    settings = {**{name: default for name, (_, default, _) in DEFAULTS.items()}, **config, **given}
-    if not settings["run_dir"]:
+    try:
+        config = TrainSettings.from_config_file(given.pop("config")) if "config" in given else {}
+        merged = {**{key.replace("-", "_"): value for key, value in config.items()}, **given}
+        options = {name: merged.pop(name, None) for name in COMMAND_OPTIONS}
+        for name, (kind, _) in COMMAND_OPTIONS.items():
+            if options[name] is not None and (not isinstance(options[name], kind) or isinstance(options[name], bool)):
+                raise ValueError(f"{name} must be a {kind.__name__}, got {options[name]!r}")
+        settings = TrainSettings.from_mapping(merged, "settings")
+    except ValueError as error:
+        parser.error(str(error))
+    if not options["run_dir"]:
         parser.error("--run-dir is required (on the command line or in the --config file)")
-    for name in ("epochs", "batch_size", "image_size", "train_images", "eval_every", "stop_after"):
-        if settings[name] is not None and settings[name] < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {settings[name]}")
-    if settings["lr"] <= 0 or (settings["workers"] or 0) < 0:
-        parser.error("--lr must be positive and --workers at least 0")
-    return settings
+    if options["stop_after"] is not None and options["stop_after"] < 1:
+        parser.error(f"--stop-after must be at least 1, got {options['stop_after']}")
+    return settings, options
 
 
-def prepare_run_folder(settings: dict[str, Any], *, write: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
+def prepare_run_folder(settings: TrainSettings, options: dict[str, Any], *, smoke: bool, write: bool = True
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The run folder's manifest and model settings: read, or made as notebooks 01 and 02 make them
     and written when `write` (rank 0). A flag that contradicts an existing file stops the run."""
-    run_dir = Path(settings["run_dir"]).expanduser()
-    data = Path(settings["data"]).expanduser() if settings["data"] else None
+    run_dir = Path(options["run_dir"]).expanduser()
+    data = Path(options["data"]).expanduser() if options["data"] else None
     fix = f"use another --run-dir, or delete {runs.show_path(run_dir)} to start over"
     if (run_dir / runs.MANIFEST_NAME).is_file():
-        manifest = runs.load_manifest(run_dir)
+        manifest = artifacts.load_manifest(run_dir)
         if data is not None and data.resolve() != Path(manifest["data_dir"]).resolve():
             raise ValueError(f"{runs.show_path(run_dir)} was made for the data in {manifest['data_dir']}, "
                              f"not {data.resolve()}: {fix}.")
@@ -125,99 +96,76 @@ def prepare_run_folder(settings: dict[str, Any], *, write: bool = True) -> tuple
     else:
         # as notebook 01: the files that load (a broken one is named in a warning), split by seed
         manifest = artifacts.build_manifest(data, labelme.load_labelme_folder(data, on_error="skip"),
-                                            seed=settings["seed"])
+                                            seed=artifacts.SEED)
         if write:
-            runs.write_json_atomic(run_dir / runs.MANIFEST_NAME, manifest)
+            checkpoints.write_json_atomic(run_dir / runs.MANIFEST_NAME, manifest)
     if (run_dir / runs.MODEL_SETTINGS_NAME).is_file():
-        model_settings = runs.read_artifact(run_dir, runs.MODEL_SETTINGS_NAME, "02_model_setup")
+        model_settings = artifacts.read_artifact(run_dir, runs.MODEL_SETTINGS_NAME, "02_model_setup")
         for name in ("image_size", "pretrained"):
-            if settings[name] is not None and settings[name] != model_settings.get(name):
-                raise ValueError(f"--{name.replace('_', '-')} {settings[name]}, but "
+            if getattr(settings, name) is not None and getattr(settings, name) != model_settings.get(name):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(settings, name)}, but "
                                  f"{runs.show_path(run_dir / runs.MODEL_SETTINGS_NAME)} says "
                                  f"{model_settings.get(name)}: leave the flag out, or {fix}.")
     else:
-        model_settings = artifacts.model_settings(  # notebook 02's, with its full-profile defaults
-            len(manifest["class_names"]), settings["image_size"] or artifacts.default_image_size(smoke=False),
-            True if settings["pretrained"] is None else settings["pretrained"])
+        model_settings = artifacts.model_settings(  # notebook 02's, with the profile's defaults
+            len(manifest["class_names"]), settings.image_size or artifacts.default_image_size(smoke),
+            (not smoke) if settings.pretrained is None else settings.pretrained)
         if write:
-            runs.write_json_atomic(run_dir / runs.MODEL_SETTINGS_NAME, model_settings)
+            checkpoints.write_json_atomic(run_dir / runs.MODEL_SETTINGS_NAME, model_settings)
     if model_settings.get("num_classes", len(manifest["class_names"])) != len(manifest["class_names"]):
         raise ValueError(f"{runs.MODEL_SETTINGS_NAME} is for {model_settings['num_classes']} classes, the "
                          f"manifest has {len(manifest['class_names'])}: {fix}.")
     return manifest, model_settings
 
 
-def _workers(setting: int | None) -> int:
-    """Given, else the cores' half shared by this machine's training processes, at most 4 each."""
-    if setting is not None:
-        return setting
-    return min(4, (os.cpu_count() or 2) // 2 // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def train(settings: dict[str, Any], ctx: distributed.Context) -> list[dict[str, float]]:
+def train(settings: TrainSettings, options: dict[str, Any], ctx: distributed.Context) -> list[dict[str, float]]:
     """Notebook 04 from its settings cell to its test metrics, in this process's part of the run."""
-    import windows_utils
-
     quiet = contextlib.nullcontext() if ctx.main else contextlib.redirect_stdout(io.StringIO())
-    run_dir = Path(settings["run_dir"]).expanduser()
+    run_dir, smoke = Path(options["run_dir"]).expanduser(), runs.smoke_profile()
     if ctx.main:  # (should it fail, torchrun stops the processes waiting at the barrier)
-        prepare_run_folder(settings)
-        runs.remember_run_dir(run_dir, runs.smoke_profile())  # where notebooks 05 and 06 look
+        prepare_run_folder(settings, options, smoke=smoke)
+        runs.remember_run_dir(run_dir, smoke)  # where notebooks 05 and 06 look
     distributed.barrier()
-    manifest, model_settings = prepare_run_folder(settings, write=False)  # now read by every process
-    class_names, image_size = manifest["class_names"], model_settings["image_size"]
-    pretrained, seed, batch_size = model_settings["pretrained"], settings["seed"], settings["batch_size"]
-    epochs = settings["epochs"] or (40 if ctx.device.type == "cuda" else 3)
-
-    splits = {name: runs.manifest_samples(manifest, name) for name in ("train", "val", "test")}
-    splits["train"] = splits["train"][:settings["train_images"]]
-    datasets = {name: windows_utils.make_dataset(samples, class_names, train=name == "train", image_size=image_size)
-                for name, samples in splits.items()}
-    loaders = distributed.make_loaders(datasets, batch_size=batch_size, device=ctx.device,
-                                       workers=_workers(settings["workers"]), seed=seed)
+    manifest, model_settings = prepare_run_folder(settings, options, smoke=smoke, write=False)  # every process
+    settings = settings.resolve(ctx.device.type, smoke=smoke, model_settings=model_settings,
+                                local_processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    class_names = manifest["class_names"]
+    loaders = data.split_loaders(manifest, image_size=settings.image_size, device=ctx.device,
+                                 batch_size=settings.batch_size, workers=settings.workers, seed=settings.seed,
+                                 train_images=settings.train_images)
     if ctx.main:
         for name, loader in loaders.items():
-            print(f"{name:<6}{len(datasets[name]):>4} images, {len(loader):>3} batches per process")
-        print(f"{ctx.world_size} process(es) on {ctx.device.type}, batch {batch_size} per process = "
-              f"{batch_size * ctx.world_size} per step, peak lr {settings['lr']:g} (as given), "
-              f"{image_size} px, {epochs} epochs")
+            print(f"{name:<6}{len(loader.dataset):>4} images, {len(loader):>3} batches per process")
+        print(f"{ctx.world_size} process(es) on {ctx.device.type}, batch {settings.batch_size} per process = "
+              f"{settings.batch_size * ctx.world_size} per step, peak lr {settings.lr:g} (as given), "
+              f"{settings.image_size} px, {settings.epochs} epochs")
 
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)  # the new heads' initial weights, as notebook 04
     model = None
     if ctx.local_rank == 0:  # one process per machine fetches the COCO weights, then the others
         with quiet:
-            model = models.build_model(len(class_names), image_size=image_size, pretrained=pretrained)
+            model = models.build_model(len(class_names), image_size=settings.image_size,
+                                       pretrained=settings.pretrained)
     distributed.barrier()
     if model is None:
         with quiet:
-            model = models.build_model(len(class_names), image_size=image_size, pretrained=pretrained)
-    if settings["sync_batchnorm"]:
+            model = models.build_model(len(class_names), image_size=settings.image_size,
+                                       pretrained=settings.pretrained)
+    if settings.sync_batchnorm:
         model = distributed.sync_batchnorm(model, ctx.device)
-    if ctx.world_size > 1:
-        torch.manual_seed(seed + ctx.rank)  # each process draws its own augmentations
 
-    fingerprint = {"epochs": epochs, "batch_size": batch_size, "lr": settings["lr"], "image_size": image_size,
-                   "train_images": len(datasets["train"]), "seed": seed, "device": str(ctx.device),
-                   "pretrained": pretrained, "world_size": ctx.world_size,
-                   "global_batch_size": batch_size * ctx.world_size, "sync_batchnorm": settings["sync_batchnorm"]}
-    history = engine.fit(model, loaders["train"], loaders["val"], run_dir=run_dir, epochs=epochs, lr=settings["lr"],
-                         device=ctx.device, class_names=class_names, eval_every=settings["eval_every"],
-                         settings=fingerprint, progress=settings["progress"], seed=seed,
-                         stop_after=settings["stop_after"])
-    done = history[-1]["epoch"] if history else 0
-    if done < epochs:
+    history = engine.fit(model, loaders, settings, run_dir=run_dir, device=ctx.device, class_names=class_names,
+                         stop_after=options["stop_after"])
+    if len(history) < settings.epochs:
         if ctx.main:
-            print(f"Stopped after epoch {done} of {epochs} (--stop-after): run the same command again to go on.")
+            print(f"Stopped after epoch {len(history)} of {settings.epochs} (--stop-after): run the same "
+                  "command again to go on.")
         return history
-    best_path = run_dir / runs.BEST_MODEL_NAME
-    best = runs.load_checkpoint(best_path, ctx.device)
-    runs.load_model_state(model, best, best_path)
-    test_metrics = distributed.evaluate_coco(model, loaders["test"], ctx.device, class_names, progress=False)
+    test = engine.score_on_test(model, loaders["test"], run_dir=run_dir, device=ctx.device, class_names=class_names)
     if ctx.main:
         _plot(history, run_dir)
-        runs.write_json_atomic(run_dir / runs.TEST_METRICS_NAME, {"epoch": best["epoch"], **test_metrics})
-        print(f"best checkpoint: epoch {best['epoch']} of {epochs}, validation segm_AP {best['segm_AP']:.3f}; "
-              f"test segm_AP {test_metrics['segm_AP']:.3f}, bbox_AP {test_metrics['bbox_AP']:.3f}")
+        print(f"best checkpoint: epoch {test['epoch']} of {settings.epochs}, validation segm_AP "
+              f"{test['val_segm_AP']:.3f}; test segm_AP {test['segm_AP']:.3f}, bbox_AP {test['bbox_AP']:.3f}")
         print("written to", runs.show_path(run_dir))
     distributed.barrier()
     return history
@@ -235,11 +183,11 @@ def _plot(history: list[dict[str, float]], run_dir: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(argv)
-    ctx = distributed.init(settings["device"])
+    settings, options = parse_settings(argv)
+    ctx = distributed.init(options["device"])
     try:
-        train(settings, ctx)
-    except (ValueError, FileNotFoundError, engine.TrainingDiverged) as error:  # LabelMeError is a ValueError
+        train(settings, options, ctx)
+    except (ValueError, FileNotFoundError, engine.TrainingDiverged, checkpoints.RunLocked) as error:  # LabelMeError is a ValueError
         # a message written for people (another run in the folder, a missing file): no traceback
         print(f"{_parser().prog}: error (rank {ctx.rank}): {error}", file=sys.stderr)
         return 2  # without leaving the process group: torchrun stops the other processes

@@ -3,7 +3,7 @@ or its side-by-side figures would compare against something broken."""
 import torch
 
 from maskrcnn_labelme import download
-from maskrcnn_labelme.reference import reference_dataset
+from maskrcnn_labelme.cjm_pipeline import reference_dataset
 
 
 def test_reference_pipeline_gives_training_samples():

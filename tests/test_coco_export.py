@@ -13,7 +13,7 @@ import pytest
 from labelme_fixtures import png_base64, shape, square, write_labelme
 from PIL import Image
 
-from maskrcnn_labelme import artifacts, coco_export, download, labelme, runs
+from maskrcnn_labelme import artifacts, checkpoints, coco_export, download, labelme, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -137,7 +137,7 @@ def test_shapes_of_every_kind_ignore_regions_and_negatives(tmp_path):
 def test_the_command_line_exports_a_run_folder(tmp_path, sample_manifest):
     manifest, _ = sample_manifest
     run_dir = tmp_path / "run"
-    runs.write_json_atomic(run_dir / runs.MANIFEST_NAME, manifest)
+    checkpoints.write_json_atomic(run_dir / runs.MANIFEST_NAME, manifest)
     result = subprocess.run([sys.executable, "-m", "maskrcnn_labelme.coco_export", str(run_dir),
                              str(tmp_path / "out"), "--masks", "polygon"],
                             capture_output=True, text=True, cwd=ROOT, check=False)

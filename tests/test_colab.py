@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import tasks
-from maskrcnn_labelme import artifacts, download, inference, kit, labelme, models, runs
+from maskrcnn_labelme import artifacts, checkpoints, download, inference, kit, labelme, models, runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -189,7 +189,7 @@ def test_a_checkpoint_address_is_downloaded_once_and_verified(tmp_path, monkeypa
 def test_a_damaged_download_never_becomes_best_model(tmp_path, monkeypatch):
     run_dir = tiny_run(tmp_path)
     monkeypatch.setattr(download, "fetch", lambda url, path, **k: Path(path).write_bytes(b"<html>"))
-    with pytest.raises(runs.ArtifactError):
+    with pytest.raises(checkpoints.ArtifactError):
         inference.load_trained_model(run_dir, checkpoint="https://example.org/x.pt", smoke=True)
     assert not (run_dir / runs.BEST_MODEL_NAME).exists()
     assert [p.name for p in run_dir.iterdir() if p.name.startswith(".")] == []

@@ -4,7 +4,7 @@ import zipfile
 
 import pytest
 
-from maskrcnn_labelme import download, labelme, runs
+from maskrcnn_labelme import artifacts, checkpoints, download, labelme, runs, splits
 
 PREFIX = f"pytorch-for-information-extraction-{download.DATASET_COMMIT}/{download.DATASET_SUBDIR}/"
 
@@ -96,33 +96,33 @@ def test_embedded_sample_is_complete_and_attributed():
 def test_split_is_seeded_disjoint_and_complete(count):
     stems = [f"{i:05d}" for i in range(count)]
     fractions = {"train": 0.7, "val": 0.15, "test": 0.15}
-    splits = runs.split_stems(stems, fractions, seed=1234)
-    assert splits == runs.split_stems(list(reversed(stems)), fractions, seed=1234)
+    cut = splits.split_stems(stems, fractions, seed=1234)
+    assert cut == splits.split_stems(list(reversed(stems)), fractions, seed=1234)
     if count >= 12:  # with 3 files, two seeds agree one time in six
-        assert splits != runs.split_stems(stems, fractions, seed=4321)
-    together = [s for part in splits.values() for s in part]
+        assert cut != splits.split_stems(stems, fractions, seed=4321)
+    together = [s for part in cut.values() for s in part]
     assert sorted(together) == stems and len(set(together)) == count
-    assert all(len(part) >= 1 for part in splits.values())
+    assert all(len(part) >= 1 for part in cut.values())
     if count == 150:
-        assert [len(splits[k]) for k in fractions] == [106, 22, 22]
+        assert [len(cut[k]) for k in fractions] == [106, 22, 22]
 
 
 def test_split_with_too_few_files_says_so():
     with pytest.raises(ValueError, match="too few"):
-        runs.split_stems(["a"], {"train": 0.5, "val": 0.5}, seed=0)
+        splits.split_stems(["a"], {"train": 0.5, "val": 0.5}, seed=0)
 
 
 def test_missing_manifest_tells_which_notebook_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="01_data_exploration"):
-        runs.load_manifest(tmp_path)
+        artifacts.load_manifest(tmp_path)
 
 
 def test_manifest_round_trip(tmp_path):
     data = {"data_dir": str(download.SAMPLE_DIR), "class_names": ["background", "student_id"],
             "splits": {"train": ["10001"], "val": ["10002"], "test": ["10003"]}}
-    runs.write_json_atomic(tmp_path / runs.MANIFEST_NAME, data)
-    assert runs.load_manifest(tmp_path) == data
-    assert [s.stem for s in runs.manifest_samples(data, "val")] == ["10002"]
+    checkpoints.write_json_atomic(tmp_path / runs.MANIFEST_NAME, data)
+    assert artifacts.load_manifest(tmp_path) == data
+    assert [s.stem for s in artifacts.manifest_samples(data, "val")] == ["10002"]
     assert not list(tmp_path.glob(".*.tmp"))
 
 

@@ -16,11 +16,11 @@ import zipfile
 
 import pytest
 
-from maskrcnn_labelme import download, runs
+from maskrcnn_labelme import checkpoints, download
 
 PREFIX = f"pytorch-for-information-extraction-{download.DATASET_COMMIT}/{download.DATASET_SUBDIR}/"
 LABEL = json.dumps({"shapes": [], "imagePath": "a.jpg", "imageData": None})
-# the names runs.remove_stale_temp removes once their process is gone
+# the names checkpoints.remove_stale_temp removes once their process is gone
 STALE_NAME = r"\.(?:.+\.|download-)(\d+)-[0-9a-f]{8}(?:\.tmp)?"
 
 
@@ -252,7 +252,7 @@ def test_a_running_download_names_its_folder_for_remove_stale_temp(serve, tmp_pa
         match = re.fullmatch(STALE_NAME, names[0])
         assert match and names[0].startswith(".download-")
         assert match.group(1) == str(os.getpid())
-        assert runs.remove_stale_temp(cache) == []  # a live download is left alone
+        assert checkpoints.remove_stale_temp(cache) == []  # a live download is left alone
     finally:
         release.set()
         thread.join(timeout=20)

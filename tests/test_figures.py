@@ -5,23 +5,24 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from maskrcnn_labelme import artifacts, engine, figures, models, runs
+from maskrcnn_labelme import artifacts, checkpoints, engine, figures, models, runs
+from maskrcnn_labelme.settings import TrainSettings
 import windows_utils
 
 
 def test_figures_of_a_tiny_run_are_written_small_and_labelled(tmp_path):
     run_dir = tmp_path / "run"
     manifest = artifacts.manifest_or_rebuild(run_dir, smoke=True)
-    runs.write_json_atomic(run_dir / runs.MODEL_SETTINGS_NAME, artifacts.model_settings(2, 96, False))
+    checkpoints.write_json_atomic(run_dir / runs.MODEL_SETTINGS_NAME, artifacts.model_settings(2, 96, False))
     classes = manifest["class_names"]
-    train, val = (runs.manifest_samples(manifest, split) for split in ("train", "val"))
+    train, val = (artifacts.manifest_samples(manifest, split) for split in ("train", "val"))
     loaders = [windows_utils.make_loader(windows_utils.make_dataset(samples, classes, train=flag, image_size=96),
                                          batch_size=4, train=flag, device=torch.device("cpu"), workers=0)
                for samples, flag in ((train[:4], True), (val, False))]
     torch.manual_seed(0)
     model = models.build_model(2, image_size=96, pretrained=False)
-    engine.fit(model, *loaders, run_dir=run_dir, epochs=1, lr=1e-4, device=torch.device("cpu"),
-               class_names=classes, progress=False)
+    engine.fit(model, dict(zip(("train", "val"), loaders)), TrainSettings(epochs=1, image_size=96, pretrained=False, progress=False), run_dir=run_dir,
+               device=torch.device("cpu"), class_names=classes)
 
     written = figures.make_figures(run_dir, tmp_path / "images", photos=2, smoke=True)
     assert sorted(p.name for p in written) == ["about.md", "augmentation.jpg", "dataset_sample.jpg",

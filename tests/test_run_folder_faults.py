@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -10,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskrcnn_labelme import download, engine, labelme, models, runs
+from maskrcnn_labelme import artifacts, checkpoints, download, engine, labelme, models, runs
 import windows_utils
+from maskrcnn_labelme.settings import TrainSettings
 
 CLASSES = ["background", "student_id"]
 CPU = torch.device("cpu")
@@ -31,8 +33,9 @@ def one_epoch(samples, run_dir, *, lr=1e-4, classes=CLASSES, train=slice(0, 2)):
                                              batch_size=2, train=True, device=CPU, workers=0)
     val_loader = windows_utils.make_loader(make(samples[2:3], classes, train=False, image_size=96),
                                            batch_size=1, train=False, device=CPU, workers=0)
-    return engine.fit(model, train_loader, val_loader, run_dir=run_dir, epochs=1, lr=lr, device=CPU,
-                      class_names=classes, progress=False, settings={"image_size": 96})
+    return engine.fit(model, {"train": train_loader, "val": val_loader},
+                      TrainSettings(epochs=1, lr=lr, image_size=96, progress=False), run_dir=run_dir, device=CPU,
+                      class_names=classes)
 
 
 @pytest.fixture(scope="module")
@@ -46,14 +49,14 @@ def test_a_reused_run_folder_with_another_learning_rate_is_not_resumed(samples, 
     settings_before = (finished_run / runs.TRAIN_SETTINGS_NAME).read_text()
     with pytest.raises(ValueError, match=r"lr: 0\.0001 in the checkpoint, 0\.0002 now") as caught:
         one_epoch(samples, finished_run, lr=2e-4)
-    assert "another RUN_DIR" in str(caught.value)
+    assert "another run folder" in str(caught.value)
     # the settings file still says what the run in this folder really used
     assert (finished_run / runs.TRAIN_SETTINGS_NAME).read_text() == settings_before
     assert '"lr": 0.0001' in settings_before and '"image_size": 96' in settings_before
 
 
 def test_other_data_or_classes_are_named_as_the_difference(samples, finished_run):
-    with pytest.raises(ValueError, match="train_files_sha256"):
+    with pytest.raises(ValueError, match="data files added since this run was trained"):
         one_epoch(samples, finished_run, train=slice(3, 5))
     with pytest.raises(ValueError, match="class_names"):
         one_epoch(samples, finished_run, classes=["background", "card"])
@@ -77,12 +80,12 @@ def test_a_write_that_fails_names_the_file_keeps_the_old_one_and_leaves_no_temp(
     target.write_bytes(b"the previous checkpoint")
     code = (
         "import resource, signal, sys, torch\n"
-        "from maskrcnn_labelme import runs\n"
+        "from maskrcnn_labelme import checkpoints\n"
         "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n"
         "try:\n"
-        f"    runs.save_atomic({{'model': torch.zeros(1 << 20)}}, {str(target)!r})\n"
-        "except runs.WriteError as error:\n"
+        f"    checkpoints.save_atomic({{'model': torch.zeros(1 << 20)}}, {str(target)!r})\n"
+        "except checkpoints.WriteError as error:\n"
         "    print(error)\n"
         "    sys.exit(3)\n"
     )
@@ -95,7 +98,7 @@ def test_a_write_that_fails_names_the_file_keeps_the_old_one_and_leaves_no_temp(
 
 
 def test_two_writers_never_share_a_temporary_file(tmp_path):
-    names = {runs.temp_name(tmp_path / "metrics.csv") for _ in range(50)}
+    names = {checkpoints.temp_name(tmp_path / "metrics.csv") for _ in range(50)}
     assert len(names) == 50
 
 
@@ -104,8 +107,8 @@ def test_two_writers_never_share_a_temporary_file(tmp_path):
 def test_a_damaged_checkpoint_names_the_file_and_the_fix(tmp_path, content):
     path = tmp_path / "best_model.pt"
     path.write_bytes(content)
-    with pytest.raises(runs.ArtifactError) as caught:
-        runs.load_checkpoint(path)
+    with pytest.raises(checkpoints.ArtifactError) as caught:
+        checkpoints.load_checkpoint(path)
     message = str(caught.value)
     assert str(path) in message and "copy it again" in message
     assert "weights_only=False" not in message
@@ -115,8 +118,8 @@ def test_a_truncated_real_checkpoint_names_the_file(tmp_path):
     path = tmp_path / "last_checkpoint.pt"
     torch.save({"model": {"w": torch.zeros(1000)}}, path)
     path.write_bytes(path.read_bytes()[:3000])
-    with pytest.raises(runs.ArtifactError, match="cut short"):
-        runs.load_checkpoint(path)
+    with pytest.raises(checkpoints.ArtifactError, match="cut short"):
+        checkpoints.load_checkpoint(path)
 
 
 class Sneaky:
@@ -127,8 +130,8 @@ class Sneaky:
 def test_a_checkpoint_with_code_is_refused_without_unsafe_advice(tmp_path):
     path = tmp_path / "best_model.pt"
     torch.save({"model": {}, "extra": Sneaky()}, path)
-    with pytest.raises(runs.ArtifactError) as caught:
-        runs.load_checkpoint(path)
+    with pytest.raises(checkpoints.ArtifactError) as caught:
+        checkpoints.load_checkpoint(path)
     message = str(caught.value)
     assert "refused unread" in message and "unless you made it yourself" in message
     assert "will likely succeed" not in message  # torch's own advice to switch the check off
@@ -137,24 +140,24 @@ def test_a_checkpoint_with_code_is_refused_without_unsafe_advice(tmp_path):
 def test_weights_of_another_class_count_say_so(tmp_path):
     three = models.build_model(3, image_size=64, pretrained=False)
     two = models.build_model(2, image_size=64, pretrained=False)
-    with pytest.raises(runs.ArtifactError, match="trained for 3 classes") as caught:
-        runs.load_model_state(two, {"model": three.state_dict()}, tmp_path / "best_model.pt")
+    with pytest.raises(checkpoints.ArtifactError, match="trained for 3 classes") as caught:
+        checkpoints.load_model_state(two, {"model": three.state_dict()}, tmp_path / "best_model.pt")
     assert "best_model.pt" in str(caught.value) and "has 2 classes" in str(caught.value)
 
 
 def test_a_damaged_settings_file_names_itself_and_the_notebook(tmp_path):
     (tmp_path / runs.MODEL_SETTINGS_NAME).write_text('{"image_size": 5')
-    with pytest.raises(runs.ArtifactError, match="02_model_setup") as caught:
-        runs.read_artifact(tmp_path, runs.MODEL_SETTINGS_NAME, "02_model_setup")
+    with pytest.raises(checkpoints.ArtifactError, match="02_model_setup") as caught:
+        artifacts.read_artifact(tmp_path, runs.MODEL_SETTINGS_NAME, "02_model_setup")
     assert runs.MODEL_SETTINGS_NAME in str(caught.value) and "damaged" in str(caught.value)
 
 
 def test_a_photo_in_two_splits_is_refused(tmp_path):
-    runs.write_json_atomic(tmp_path / runs.MANIFEST_NAME, {
+    checkpoints.write_json_atomic(tmp_path / runs.MANIFEST_NAME, {
         "data_dir": str(download.SAMPLE_DIR), "class_names": CLASSES,
         "splits": {"train": ["10001", "10002"], "val": ["10003"], "test": ["10002"]}})
-    with pytest.raises(runs.ArtifactError, match="10002 in both 'train' and 'test'"):
-        runs.load_manifest(tmp_path)
+    with pytest.raises(checkpoints.ArtifactError, match="10002 in both 'train' and 'test'"):
+        artifacts.load_manifest(tmp_path)
 
 
 def test_each_data_folder_gets_its_own_run_folder(tmp_path, monkeypatch):
@@ -170,3 +173,58 @@ def test_each_data_folder_gets_its_own_run_folder(tmp_path, monkeypatch):
     runs.remember_run_dir(first, smoke=False)
     assert runs.latest_run_dir(False) == first
     assert runs.latest_run_dir(True) == tmp_path / "runs" / "smoke"
+
+
+def test_an_annotation_fixed_in_place_is_named_and_the_old_run_not_resumed(samples, tmp_path):
+    """The labelling loop: correcting a polygon in LabelMe changes the file's contents, not its
+    path. A run trained on the old annotations must not be resumed as if nothing happened."""
+    import shutil
+
+    folder = tmp_path / "data"
+    shutil.copytree(download.SAMPLE_DIR, folder)
+    mine = labelme.load_labelme_folder(folder)
+    one_epoch(mine, tmp_path / "run")
+    fixed = mine[0].json_path
+    data = json.loads(fixed.read_text(encoding="utf-8"))
+    data["shapes"][0]["points"][0][0] += 5  # one corner moved by 5 px
+    fixed.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"data files changed since this run was trained: {fixed.name}"):
+        one_epoch(labelme.load_labelme_folder(folder), tmp_path / "run")
+
+
+def test_a_second_training_in_the_same_folder_is_stopped_and_a_dead_holder_s_lock_cleared(samples, tmp_path):
+    import socket
+
+    from maskrcnn_labelme.checkpoints import LOCK_NAME, RunLocked
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / LOCK_NAME
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{holder.pid} {socket.gethostname()}\n")
+        with pytest.raises(RunLocked, match=f"in use by another training \\(process {holder.pid}"):
+            one_epoch(samples, run_dir)
+        assert not (run_dir / runs.CHECKPOINT_NAME).exists() and lock.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    one_epoch(samples, run_dir)  # the holder is gone: its lock is stale
+    assert (run_dir / runs.CHECKPOINT_NAME).exists() and not lock.exists()
+
+
+def test_weights_that_are_no_longer_finite_are_never_saved(samples, tmp_path, monkeypatch):
+    """A learning rate so large that the last step of an epoch makes the weights NaN: no loss is
+    computed after that step, so the check is on the weights before anything is written."""
+    real_step = engine.train_step
+
+    def step_then_poison(model, *args, **kwargs):
+        losses = real_step(model, *args, **kwargs)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        return losses
+
+    monkeypatch.setattr(engine, "train_step", step_then_poison)
+    with pytest.raises(engine.TrainingDiverged, match="no longer finite"):
+        one_epoch(samples, tmp_path)
+    assert not (tmp_path / runs.CHECKPOINT_NAME).exists() and not (tmp_path / runs.BEST_MODEL_NAME).exists()

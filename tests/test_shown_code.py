@@ -1,9 +1,9 @@
 """The code a learner reads in a notebook is the code the package runs.
 
 A notebook cell that starts with "# Shown as it is in maskrcnn_labelme/<module>.py" defines
-functions (d2l-style: runnable and editable where they are taught). Each of them must be, to the
-last docstring character, the package's definition of the same name; comments and blank lines
-may differ, code may not.
+functions (d2l-style: runnable and editable where they are taught), and the notebook then uses
+them; "# Shown to read, from ..." cells are for reading only and say so. ``python3 tasks.py sync``
+copies the package's definitions into both kinds, so each is, to the character, the package's.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+import tasks
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 MARKER = re.compile(r"^# Shown as it is in (maskrcnn_labelme/\w+\.py)")
@@ -23,7 +25,7 @@ MARKER = re.compile(r"^# Shown as it is in (maskrcnn_labelme/\w+\.py)")
 REQUIRED = {
     "01_data_exploration": {"boxes_from_masks", "make_target", "labelme_item"},
     "02_model_setup": {"replace_heads"},
-    "04_fine_tuning": {"make_optimizer", "train_step", "validation_loss", "coco_annotation", "coco_ap"},
+    "04_fine_tuning": {"make_optimizer", "train_step", "validation_loss", "coco_ap", "evaluate_coco", "fit"},
     "05_inference": {"predict"},
     "06_onnx_export": {"export_onnx"},
 }
@@ -87,3 +89,28 @@ def test_notebooks_import_by_module_not_through_windows_utils():
                                  "collate_detection"}, (path.name, windows_names)
         private = re.findall(r"\b(?:maskrcnn_labelme\.\w+|[a-z_]+)\.(_[a-z]\w*)\b", code)
         assert not [p for p in private if not p.startswith("__")], (path.name, private)
+
+
+def test_running_sync_changes_nothing():
+    """Every shown cell holds the package's text to the character (comments and blank lines too)."""
+    stale = tasks.sync_shown(write=False)
+    assert not stale, f"run python3 tasks.py sync: {[p.name for p in stale]} differ from the package"
+
+
+def test_sync_rewrites_a_drifted_cell():
+    cell = ('# Shown as it is in maskrcnn_labelme/engine.py: x\nimport torch\n\n\n'
+            'def to_device(images, targets, device):\n    return 1')
+    synced = tasks.synced_source(cell)
+    assert synced.startswith("# Shown as it is in maskrcnn_labelme/engine.py: x\nimport torch\n")
+    assert "return 1" not in synced and "non_blocking" in synced
+
+
+@pytest.mark.parametrize("notebook, module_file, name, node", SHOWN,
+                         ids=[f"{nb}:{name}" for nb, _, name, _ in SHOWN])
+def test_a_shown_definition_is_used_by_its_notebook(notebook, module_file, name, node):
+    """A shown definition that nothing calls teaches code that does not run: an edit to it
+    would change nothing."""
+    cells = json.loads((ROOT / "notebooks" / f"{notebook}.ipynb").read_text(encoding="utf-8"))["cells"]
+    code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    uses = len(re.findall(rf"(?<![\w.]){name}\(", code)) - len(re.findall(rf"\bdef {name}\(", code))
+    assert uses > 0, f"notebooks/{notebook}.ipynb shows {name} but never calls it"

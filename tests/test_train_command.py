@@ -22,7 +22,8 @@ import pytest
 import torch
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler
 
-from maskrcnn_labelme import coco_eval, distributed, download, engine, labelme, models, runs, train
+from maskrcnn_labelme import artifacts, coco_eval, data, distributed, download, engine, labelme, models, runs, splits, train
+from maskrcnn_labelme.settings import TrainSettings
 import windows_utils
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,14 +91,14 @@ def test_two_processes_write_one_checkpoint_and_metrics_with_mask_ap(stopped_run
         runs.METRICS_NAME, runs.TRAIN_SETTINGS_NAME])
     manifest = json.loads((run_dir / runs.MANIFEST_NAME).read_text())
     stems = sorted(p.stem for p in download.SAMPLE_DIR.glob("*.json"))
-    assert manifest["splits"] == runs.split_stems(stems, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=1234)
+    assert manifest["splits"] == splits.split_stems(stems, {"train": 0.7, "val": 0.15, "test": 0.15}, seed=1234)
     assert manifest["class_names"] == CLASSES and len(manifest["colors"]) == 1
     assert json.loads((run_dir / runs.MODEL_SETTINGS_NAME).read_text())["image_size"] == 96
 
     checkpoint = torch.load(run_dir / runs.CHECKPOINT_NAME, weights_only=True)
-    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 1  # 2 photos = 2 processes x 1 per step
-    assert checkpoint["run"]["world_size"] == 2 and checkpoint["run"]["global_batch_size"] == 2
-    assert len(checkpoint["rng_ranks"]) == 2  # each process resumes its own random streams
+    assert checkpoint["epoch"] == 1 and checkpoint["history"][0]["epoch"] == 1
+    assert checkpoint["run"]["world_size"] == 2 and checkpoint["run"]["batch_size"] == 1
+    assert checkpoint["settings"]["train_images"] == 2  # 2 photos = 2 processes x 1 per step
     assert not any(key.startswith("module.") for key in checkpoint["model"])  # not DDP's names
     best = torch.load(run_dir / runs.BEST_MODEL_NAME, weights_only=True)
     model = models.build_model(len(CLASSES), image_size=96, pretrained=False)
@@ -115,7 +116,7 @@ def test_the_same_command_resumes_under_two_processes_and_ends_at_epoch_2(stoppe
     output = torchrun(run_dir)
     assert output.count("Resuming from") == 1 and "1 of 2 epochs done" in output
     checkpoint = torch.load(run_dir / runs.CHECKPOINT_NAME, weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 2
+    assert checkpoint["epoch"] == 2
     assert checkpoint["history"][0] == before["history"][0]  # epoch 1 kept, not trained again
     assert [row["epoch"] for row in metrics_rows(run_dir)] == ["1", "2"]
     test_metrics = json.loads((run_dir / runs.TEST_METRICS_NAME).read_text())
@@ -229,16 +230,18 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         trainer = distributed.wrap(model, ctx.device)
         result[name] = one_step(trainer, images[rank:rank + 1], targets[rank:rank + 1])
 
-    loaders = distributed.make_loaders(eval_datasets(), batch_size=1, device=CPU, workers=0, seed=3)
-    indices = list(loaders["val"].sampler)
-    predictor = Predictor(scripted_predictions(loaders["val"], indices))
-    result["coco"] = distributed.evaluate_coco(predictor, loaders["val"], CPU, CLASSES, progress=False)
+    datasets = eval_datasets()  # the samplers data.split_loaders gives each process
+    val_loader = windows_utils.make_loader(datasets["val"], batch_size=1, train=False, device=CPU, workers=0,
+                                           sampler=data.ShardSampler(len(datasets["val"]), rank, world))
+    indices = list(val_loader.sampler)
+    predictor = Predictor(scripted_predictions(val_loader, indices))
+    result["coco"] = coco_eval.evaluate_coco(predictor, val_loader, CPU, CLASSES, progress=False)
     result["eval_indices"] = indices
-    sampler = loaders["train"].sampler
+    sampler = data.EpochSampler(len(datasets["train"]), 3, rank=rank, world_size=world)
     result["train_indices"] = []
     for epoch in (0, 1):
         sampler.set_epoch(epoch)
-        result["train_indices"].append(list(sampler))
+        result["train_indices"].append([index for index, _ in sampler])
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     distributed.close()
 
@@ -316,8 +319,9 @@ def test_the_training_sampler_splits_each_epoch_anew_between_processes(ddp_resul
 def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
     config = tmp_path / "settings.json"
     config.write_text(json.dumps({"run-dir": str(tmp_path / "run"), "epochs": 7, "lr": 1e-3, "batch_size": 8}))
-    settings = train.parse_settings(["--config", str(config), "--epochs", "9"])
-    assert (settings["epochs"], settings["lr"], settings["batch_size"], settings["eval_every"]) == (9, 1e-3, 8, 1)
+    settings, options = train.parse_settings(["--config", str(config), "--epochs", "9"])
+    assert (settings.epochs, settings.lr, settings.batch_size, settings.eval_every) == (9, 1e-3, 8, 1)
+    assert options["run_dir"] == str(tmp_path / "run")
     config.write_text(json.dumps({"run_dir": "x", "learning_rate": 1}))
     with pytest.raises(SystemExit):
         train.parse_settings(["--config", str(config)])
@@ -326,16 +330,33 @@ def test_flags_override_the_config_file_which_overrides_the_defaults(tmp_path):
         train.parse_settings(["--config", str(config)])
 
 
+@pytest.mark.parametrize("flags", [["--lr", "inf"], ["--lr", "nan"], ["--lr", "0"], ["--lr", "-1e-3"],
+                                   ["--epochs", "0"], ["--workers", "-1"]])
+def test_settings_that_cannot_work_stop_before_anything_runs(flags, capsys):
+    """--lr inf used to train and save a model of NaNs; nan failed only after training started."""
+    with pytest.raises(SystemExit):
+        train.parse_settings(["--run-dir", "x", *flags])
+    assert flags[0].lstrip("-") in capsys.readouterr().err.replace("-", "_").replace("__", "")
+
+
+def test_a_config_file_with_infinity_or_nan_is_refused(tmp_path, capsys):
+    config = tmp_path / "settings.json"
+    for text in ('{"run_dir": "x", "lr": Infinity}', '{"run_dir": "x", "lr": NaN}', '{"run_dir": "x", "lr": 1e999}'):
+        config.write_text(text)
+        with pytest.raises(SystemExit):
+            train.parse_settings(["--config", str(config)])
+
+
 def test_the_run_folder_is_made_as_notebooks_01_and_02_make_it_and_then_kept(tmp_path):
-    settings = train.parse_settings(["--data", str(download.SAMPLE_DIR), "--run-dir", str(tmp_path)])
-    manifest, model_settings = train.prepare_run_folder(settings)
-    assert json.loads(json.dumps(manifest)) == runs.load_manifest(tmp_path) and manifest["seed"] == 1234
+    settings, options = train.parse_settings(["--data", str(download.SAMPLE_DIR), "--run-dir", str(tmp_path)])
+    manifest, model_settings = train.prepare_run_folder(settings, options, smoke=False)
+    assert json.loads(json.dumps(manifest)) == artifacts.load_manifest(tmp_path) and manifest["seed"] == 1234
     assert model_settings == {"architecture": "maskrcnn_resnet50_fpn_v2", "num_classes": 2, "image_size": 512,
                               "pretrained": True}
     with pytest.raises(ValueError, match="model_settings.json says 512"):
-        train.prepare_run_folder({**settings, "image_size": 256})
+        train.prepare_run_folder(TrainSettings(image_size=256), options, smoke=False)
     with pytest.raises(ValueError, match="was made for the data in"):
-        train.prepare_run_folder({**settings, "data": str(tmp_path)})
+        train.prepare_run_folder(settings, {**options, "data": str(tmp_path)}, smoke=False)
 
 
 class LossModel(torch.nn.Module):
@@ -352,9 +373,9 @@ class LossModel(torch.nn.Module):
                  "scores": torch.zeros(0), "masks": torch.zeros(0, 1, 64, 64)} for _ in images]
 
 
-def test_fit_reseeds_a_distributed_sampler_each_epoch_and_stops_where_asked(tmp_path):
+def test_fit_sets_the_sampler_s_epoch_each_epoch_and_stops_where_asked(tmp_path):
     datasets = eval_datasets()
-    sampler = torch.utils.data.DistributedSampler(datasets["train"], num_replicas=1, rank=0, seed=5)
+    sampler = data.EpochSampler(len(datasets["train"]), seed=5)
     epochs_seen = []
     sampler.set_epoch = epochs_seen.append
     train_loader = windows_utils.make_loader(datasets["train"], batch_size=5, train=True, device=CPU, workers=0,
@@ -362,8 +383,9 @@ def test_fit_reseeds_a_distributed_sampler_each_epoch_and_stops_where_asked(tmp_
     val_loader = windows_utils.make_loader(datasets["val"], batch_size=1, train=False, device=CPU, workers=0)
 
     def fit(**extra):
-        return engine.fit(LossModel(), train_loader, val_loader, run_dir=tmp_path, epochs=3, lr=1e-2, device=CPU,
-                          class_names=CLASSES, progress=False, eval_every=5, **extra)
+        return engine.fit(LossModel(), {"train": train_loader, "val": val_loader},
+                          TrainSettings(epochs=3, lr=1e-2, progress=False, eval_every=5), run_dir=tmp_path,
+                          device=CPU, class_names=CLASSES, **extra)
 
     assert len(fit(stop_after=1)) == 1 and epochs_seen == [0]
     assert len(fit()) == 3 and epochs_seen == [0, 1, 2]  # resumed at epoch 2 of 3

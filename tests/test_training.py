@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from maskrcnn_labelme import coco_eval, download, engine, labelme, models, runs
+from maskrcnn_labelme import checkpoints, coco_eval, download, engine, labelme, models, runs
+from maskrcnn_labelme.settings import TrainSettings
 import windows_utils
 
 CLASSES = ["background", "student_id"]
@@ -28,12 +29,13 @@ def tiny_loaders(sample_split, size=128):
     return train_loader, val_loader
 
 
-def tiny_fit(sample_split, run_dir, on_step=None):
+def tiny_fit(sample_split, run_dir, stop_after=None, epochs=2):
     torch.manual_seed(0)
     model = models.build_model(len(CLASSES), image_size=128, pretrained=False)
     train_loader, val_loader = tiny_loaders(sample_split)
-    history = engine.fit(model, train_loader, val_loader, run_dir=run_dir, epochs=2, lr=1e-4,
-                     device=CPU, class_names=CLASSES, progress=False, seed=7, on_step=on_step)
+    settings = TrainSettings(epochs=epochs, lr=1e-4, seed=7, progress=False)
+    history = engine.fit(model, {"train": train_loader, "val": val_loader}, settings, run_dir=run_dir,
+                         device=CPU, class_names=CLASSES, stop_after=stop_after)
     return model, history
 
 
@@ -42,18 +44,16 @@ def test_interrupted_run_resumes_to_the_same_place(sample_split, tmp_path, capsy
     each real training run costs CPU time."""
     straight, straight_history = tiny_fit(sample_split, tmp_path / "straight")
 
-    def interrupt(step):
-        if step == 2:  # in the middle of the second epoch's work
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        tiny_fit(sample_split, tmp_path / "resumed", on_step=interrupt)
-    checkpoint = runs.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT_NAME)
-    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 1
+    # something else runs in this process between the stop and the resume: it must not matter
+    tiny_fit(sample_split, tmp_path / "resumed", stop_after=1)
+    checkpoint = checkpoints.load_checkpoint(tmp_path / "resumed" / runs.CHECKPOINT_NAME)
+    assert checkpoint["epoch"] == 1 and not (tmp_path / "resumed" / checkpoints.LOCK_NAME).exists()
+    torch.rand(1000)
 
     resumed, resumed_history = tiny_fit(sample_split, tmp_path / "resumed")
     assert "Resuming" in capsys.readouterr().out
-    assert [row["step"] for row in resumed_history] == [row["step"] for row in straight_history] == [1, 2]
+    assert [row["epoch"] for row in resumed_history] == [row["epoch"] for row in straight_history] == [1, 2]
+    assert resumed_history[-1]["train_loss"] == straight_history[-1]["train_loss"]
     for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5), name
     assert resumed_history[-1]["val_loss"] == pytest.approx(straight_history[-1]["val_loss"], rel=1e-4)
@@ -69,8 +69,11 @@ def test_interrupted_run_resumes_to_the_same_place(sample_split, tmp_path, capsy
     assert all(0 <= row["segm_AP"] <= 1 for row in straight_history)
 
     # a finished run is not trained again
-    _, history = tiny_fit(sample_split, run, on_step=lambda step: pytest.fail("trained again"))
-    assert len(history) == 2 and "2 of 2 epochs done" in capsys.readouterr().out
+    _, history = tiny_fit(sample_split, run)
+    assert len(history) == 2 and "finished run (2 of 2 epochs)" in capsys.readouterr().out
+    # another setting: refused, naming it
+    with pytest.raises(ValueError, match="epochs: 2 in the checkpoint, 3 now"):
+        tiny_fit(sample_split, run, epochs=3)
 
 
 class ScriptedModel(torch.nn.Module):
@@ -91,10 +94,11 @@ def test_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(sampl
     train_loader, val_loader = tiny_loaders(sample_split)
     # epoch 1: one training step and one validation batch; epoch 2: NaN
     model = ScriptedModel(losses=[1.0, 0.5, math.nan])
-    with pytest.raises(engine.TrainingDiverged, match="lower learning rate"):
-        engine.fit(model, train_loader, val_loader, run_dir=tmp_path, epochs=2, lr=1e-3, device=CPU,
-               class_names=CLASSES, progress=False, eval_every=10)
-    checkpoint = runs.load_checkpoint(tmp_path / runs.CHECKPOINT_NAME)
+    with pytest.raises(engine.TrainingDiverged, match="half the learning rate"):
+        engine.fit(model, {"train": train_loader, "val": val_loader},
+                   TrainSettings(epochs=2, lr=1e-3, progress=False, eval_every=10), run_dir=tmp_path, device=CPU,
+                   class_names=CLASSES)
+    checkpoint = checkpoints.load_checkpoint(tmp_path / runs.CHECKPOINT_NAME)
     assert checkpoint["epoch"] == 1 and math.isfinite(checkpoint["model"]["weight"].item())
 
 

@@ -132,16 +132,16 @@ def test_equalize_table_of_a_flat_image_is_the_identity():
 
 
 def test_crop_keeps_the_whole_image_without_instances():
-    assert augment.Recipe(64, train=True).draw_crop(80, 50, np.zeros((0, 4))) == (0, 0, 80, 50)
+    assert augment.Recipe(64, train=True).sample_crop(80, 50, np.zeros((0, 4))) == (0, 0, 80, 50)
     outside = np.array([[0.0, 0.0, 0.0, 0.0]])  # an instance with no extent left in the image
-    assert augment.Recipe(64, train=True).draw_crop(80, 50, outside) == (0, 0, 80, 50)
+    assert augment.Recipe(64, train=True).sample_crop(80, 50, outside) == (0, 0, 80, 50)
 
 
 def test_crop_stays_inside_the_image_and_near_an_instance():
     torch.manual_seed(0)
     recipe = augment.Recipe(64, train=True, crop_jitter=2.0)  # a large jitter pushes centres off the image
     boxes = np.array([[70.0, 40.0, 80.0, 50.0]])
-    crops = {recipe.draw_crop(80, 50, boxes) for _ in range(200)}
+    crops = {recipe.sample_crop(80, 50, boxes) for _ in range(200)}
     assert len(crops) > 20, "crops vary"
     for left, top, width, height in crops:
         assert 0 <= left and left + width <= 80 and 0 <= top and top + height <= 50
