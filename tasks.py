@@ -12,6 +12,7 @@
                                           # notebooks' "Shown as it is in ..." cells
     python3 tasks.py set-repo URL         # write the repository's address everywhere it is used
     python3 tasks.py classroom-kit DIR    # online, once: everything an offline room needs, in DIR
+                                          # (--cpu: CPU-only torch; --only PART: add one part)
 
 "Set up" means: a virtual environment in .venv (made with the Python that runs this script),
 torch/torchvision at the tested versions, and this project installed in editable mode with its
@@ -69,6 +70,13 @@ def set_up(use_venv: bool, kit: Path | None = None) -> Path:
     if kit and not (kit / "wheels").is_dir():
         raise SystemExit(f"{kit} is not a classroom kit (no wheels/ folder): make one with "
                          "python3 tasks.py classroom-kit DIR on a machine with internet access")
+    if kit:  # before pip runs anything of it (standard library only: nothing is installed yet)
+        sys.path.insert(0, str(ROOT))
+        try:
+            from maskrcnn_labelme.kit_check import KitError, verify_kit
+            print(f"kit: {verify_kit(kit)} files match the SHA-256 recorded when the kit was made")
+        except KitError as error:
+            raise SystemExit(f"kit: error: {error}") from None
     if not use_venv:
         return Path(sys.executable)
     python = venv_python()
@@ -137,8 +145,10 @@ def badge(url: str, notebook: str) -> str:
 def set_repo(url: str) -> list[Path]:
     """Write `url` into pyproject.toml, every notebook's set-up cell and Colab badge, and the
     README's notebook table. Returns the files changed."""
-    if not re.fullmatch(r"https://github\.com/[\w.-]+/[\w.-]+", url):
-        raise SystemExit(f"set-repo needs a GitHub address like https://github.com/you/repo, got {url!r}")
+    match = re.fullmatch(r"https://github\.com/([A-Za-z0-9-]+)/([A-Za-z0-9_.-]+)", url)
+    if not match or match.group(2).strip(".") == "" or match.group(2).endswith(".git"):
+        raise SystemExit(f"set-repo needs a GitHub address like https://github.com/you/repo (ASCII letters, "
+                         f"digits, '-', '_' and '.', no .git), got {url!r}")
     changed = []
     pyproject = ROOT / "pyproject.toml"
     text = REPO_LINE.sub(f'Repository = "{url}"', pyproject.read_text(encoding="utf-8"))
@@ -233,19 +243,65 @@ def sync_shown(write: bool = True) -> list[Path]:
 # ---- the offline classroom kit ----------------------------------------------------------------
 
 
-def make_kit(python: Path, kit: Path, platform: str | None, python_version: str | None) -> None:
+KIT_PARTS = ("dataset", "weights", "wheels")
+# PyTorch's own index of CPU-only builds: a tenth of the CUDA wheels' size, for rooms without GPUs
+TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
+
+
+def _size_mb(path: Path) -> float:
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
+    return sum(p.stat().st_size for p in files) / 1e6
+
+
+def make_kit(python: Path, kit: Path, platform: str | None, python_version: str | None, *,
+             only: list[str] | None = None, cpu: bool = False, dataset_file: str | None = None,
+             weights_file: str | None = None) -> int:
     """Fetch, once and online, what a room of offline machines needs into `kit`: the full dataset
-    archive and the COCO weights (maskrcnn_labelme.kit), and a wheelhouse of every package for the
-    class's platform."""
-    run([python, "-m", "maskrcnn_labelme.kit", "make", kit])
-    target = []
-    if platform or python_version:  # the room's machines differ from this one
-        target = ["--only-binary=:all:", *(["--platform", platform] if platform else []),
-                  *(["--python-version", python_version] if python_version else [])]
-    run([python, "-m", "pip", "download", "--disable-pip-version-check", "-d", kit / "wheels",
-         *target, *TORCH_PAIR, ".[test]"])
-    print(f"Classroom kit ready in {kit}: copy the folder to each machine, as classroom-kit/ in "
-          "the project (or anywhere, then: python3 tasks.py tutorial --kit PATH).")
+    archive, the COCO weights (maskrcnn_labelme.kit) and a wheelhouse of every package for the
+    room's platform. Each part is fetched, checked and reported on its own: a part that fails is
+    named with its address, the others are kept, and the summary says how to add it later.
+    Returns 0 when every part asked for is in the kit."""
+    if kit.exists() and not kit.is_dir():
+        raise SystemExit(f"{kit} is a file, not a folder: name a new or existing folder for the kit.")
+    failed = []
+    for part in only or KIT_PARTS:
+        print(f"kit: {part} ...", flush=True)
+        try:
+            if part == "wheels":
+                target = []
+                if platform or python_version:  # the room's machines differ from this one
+                    target = ["--only-binary=:all:", *(["--platform", platform] if platform else []),
+                              *(["--python-version", python_version] if python_version else [])]
+                download_wheels = [python, "-m", "pip", "download", "--disable-pip-version-check", "-d",
+                                   kit / "wheels", *target]
+                if cpu:  # torch's CPU build first; the project's own download then finds it there
+                    run([*download_wheels, "--index-url", TORCH_CPU_INDEX, *TORCH_PAIR])
+                    download_wheels += ["--find-links", kit / "wheels"]
+                run([*download_wheels, *TORCH_PAIR, ".[test]"])
+            else:
+                source = {"dataset": dataset_file, "weights": weights_file}[part]
+                run([python, "-m", "maskrcnn_labelme.kit", part, kit, *(["--from", source] if source else [])])
+        except subprocess.CalledProcessError:
+            failed.append(part)
+    if kit.is_dir():
+        run([python, "-m", "maskrcnn_labelme.kit", "hashes", kit])
+    sizes = {"dataset": kit / "student-id.zip", "weights": kit / "weights", "wheels": kit / "wheels"}
+    print("\nClassroom kit in " + str(kit) + ":")
+    for part in KIT_PARTS:
+        state = "FAILED (the reason is above)" if part in failed else (
+            f"{_size_mb(sizes[part]):,.0f} MB" if sizes[part].exists() else "not in the kit")
+        print(f"  {part:<8} {state}")
+    print(f"  total    {_size_mb(kit):,.0f} MB")
+    if failed:
+        hints = {"dataset": "--dataset-file FILE (an archive you downloaded by hand)",
+                 "weights": "--weights-file FILE (the .pth file you downloaded by hand)",
+                 "wheels": "(when the package index answers again)"}
+        for part in failed:
+            print(f"Add the {part} later: python3 tasks.py classroom-kit {kit} --only {part} {hints[part]}")
+        return 1
+    print("Ready: copy the folder to each machine, as classroom-kit/ in the project (or anywhere, "
+          "then: python3 tasks.py tutorial --kit PATH).")
+    return 0
 
 
 def find_kit(explicit: str | None) -> Path | None:
@@ -267,6 +323,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kit", help="install and run offline from this classroom kit")
     parser.add_argument("--platform", help="classroom-kit: the room's pip platform, e.g. win_amd64")
     parser.add_argument("--python-version", help="classroom-kit: the room's Python, e.g. 3.11")
+    parser.add_argument("--only", action="append", choices=["dataset", "weights", "wheels"],
+                        help="classroom-kit: fetch only this part (repeatable); the others are kept")
+    parser.add_argument("--cpu", action="store_true",
+                        help="classroom-kit: torch's CPU-only build (for rooms without NVIDIA GPUs)")
+    parser.add_argument("--dataset-file", help="classroom-kit: the dataset archive, downloaded by hand")
+    parser.add_argument("--weights-file", help="classroom-kit: the COCO weights file, downloaded by hand")
     # everything after "--" goes to pytest (argparse.REMAINDER would swallow --smoke and the rest)
     argv = sys.argv[1:] if argv is None else list(argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -291,8 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     python = set_up(use_venv=not args.no_venv, kit=kit)
     try:
         if args.command == "classroom-kit":
-            make_kit(python, Path(args.target).resolve(), args.platform, args.python_version)
-            return 0
+            return make_kit(python, Path(args.target).resolve(), args.platform, args.python_version,
+                            only=args.only, cpu=args.cpu, dataset_file=args.dataset_file,
+                            weights_file=args.weights_file)
         if kit:  # the dataset and the COCO weights where the notebooks look for them
             run([python, "-m", "maskrcnn_labelme.kit", "place", kit])
         if args.command == "tutorial":

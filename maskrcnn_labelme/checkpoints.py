@@ -101,7 +101,10 @@ def atomic_write(path: os.PathLike | str, write: Callable[[Path], Any]) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:  # a read-only file system: the write's own error is the one to report
+            pass
         if isinstance(error, Exception) and not isinstance(error, WriteError):
             raise _write_error(path, error) from error
         raise
@@ -153,6 +156,7 @@ def load_checkpoint(path: os.PathLike | str, device: torch.device | str = "cpu")
         raise FileNotFoundError(f"{show_path(path)} does not exist. Run notebook 04 first.")
     fix = ("If it is a run's last_checkpoint.pt, delete it to train from the start; if it is a "
            "best_model.pt you copied, copy it again.")
+    _check_stored_entries(path)
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as error:
@@ -176,6 +180,28 @@ def load_checkpoint(path: os.PathLike | str, device: torch.device | str = "cpu")
         raise ArtifactError(f"{show_path(path)} is not a checkpoint of this tutorial (no 'model' "
                             "entry). Notebook 04 writes best_model.pt and last_checkpoint.pt.")
     return state
+
+
+def _check_stored_entries(path: Path) -> None:
+    """torch.save writes its zip archive uncompressed, so no entry can be larger than the file. A
+    file whose entries are compressed was made elsewhere, and a few MB of it could unpack into
+    gigabytes of tensors: it is refused before torch reads it."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # torch.load says what is wrong with it
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError):
+        return
+    packed = [e.filename for e in entries if e.compress_type != zipfile.ZIP_STORED]
+    unpacked = sum(e.file_size for e in entries)
+    if packed or unpacked > path.stat().st_size:
+        raise ArtifactError(
+            f"{show_path(path)} holds compressed entries ({', '.join(packed[:3]) or 'its records'}; "
+            f"{unpacked / 1e6:,.0f} MB unpacked from a {path.stat().st_size / 1e6:,.1f} MB file). torch.save "
+            "never writes those, so this file was made elsewhere; it was refused unread.")
 
 
 def load_model_state(model: torch.nn.Module, checkpoint: Mapping[str, Any], path: os.PathLike | str) -> None:
@@ -296,7 +322,8 @@ class Checkpointer:
                 done, total = len(history), self.settings.epochs
                 print(f"Resuming from {show_path(path)}: {done} of {total} epochs done." if done < total else
                       f"{show_path(self.run_dir)} holds a finished run ({done} of {total} epochs): nothing "
-                      "left to train. To train again, delete that folder or choose another run folder.")
+                      "left to train. To train another run, set RUN_DIR in notebook 04's settings cell (or "
+                      "--run-dir) to a new folder, or delete this one.")
         if self.main:
             write_json_atomic(self.run_dir / TRAIN_SETTINGS_NAME,
                               {**{k: v for k, v in self.identity.items() if k != "data"},

@@ -324,6 +324,7 @@ class Diagnosis:
         either side). Images that agree completely are left out.
         """
         kept = self._kept(threshold)
+        kept = kept.astype({"score": float, "iou": float})  # an empty table's columns are objects
         truths = self.any_truths[~self._found(self.any_truths, threshold)]
         rows = []
         for i, record in enumerate(self.records):
@@ -384,9 +385,12 @@ def _digest(run_dir: os.PathLike | str, checkpoint: os.PathLike | str | None) ->
     """The first 16 hex digits of the checkpoint's SHA-256 (the run's best_model.pt by default)."""
     import hashlib
 
-    path = Path(run_dir) / runs.BEST_MODEL_NAME
-    if checkpoint is not None and not str(checkpoint).startswith(("http://", "https://")):
-        path = Path(checkpoint).expanduser()
+    from .inference import checkpoint_file
+
+    try:
+        path = checkpoint_file(run_dir, checkpoint)
+    except (FileNotFoundError, ValueError):
+        return None
     if not path.is_file():
         return None
     digest = hashlib.sha256()

@@ -89,20 +89,32 @@ _DOWNLOAD_FAULTS = (OSError, http.client.HTTPException, zipfile.BadZipFile, zlib
                     RuntimeError, ValueError)
 
 
-def fetch(url: str, archive: Path, timeout: float = 30, desc: str = "student-id dataset") -> None:
+def fetch(url: str, archive: Path, timeout: float = 30, desc: str = "student-id dataset", *,
+          max_bytes: int | None = None, deadline_s: float | None = None) -> None:
     """Stream `url` into `archive` with a progress bar; a body shorter than its Content-Length
-    is a failure (http.client returns it without complaint when the connection drops)."""
+    is a failure (http.client returns it without complaint when the connection drops). `timeout`
+    bounds each wait for data; `max_bytes` and `deadline_s` bound the whole download, so a server
+    that streams without end cannot fill the disk or hold the notebook forever."""
     from tqdm.auto import tqdm
 
+    started = time.monotonic()
     with urllib.request.urlopen(url, timeout=timeout) as response, open(archive, "wb") as out:
         length = response.headers.get("Content-Length", "")
         total = int(length) if length.strip().isdigit() else None
+        if max_bytes is not None and total is not None and total > max_bytes:
+            raise DownloadError(f"{url} announces {total / 1e6:,.0f} MB, more than the {max_bytes / 1e6:,.0f} MB "
+                                "this download may take")
         received = 0
         with tqdm(total=total, unit="B", unit_scale=True, desc=desc) as bar:
             while chunk := response.read(1 << 16):
                 out.write(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
+                if max_bytes is not None and received > max_bytes:
+                    raise DownloadError(f"{url} sent more than {max_bytes / 1e6:,.0f} MB, more than this "
+                                        "download may take; stopped")
+                if deadline_s is not None and time.monotonic() - started > deadline_s:
+                    raise DownloadError(f"{url} took longer than {deadline_s:.0f} s; stopped")
     if total is not None and received < total:
         raise DownloadError(f"the connection to {url} closed after {received} of {total} bytes "
                             f"({total - received} bytes short)")

@@ -62,13 +62,20 @@ def _grid(images, titles, columns: int):
 
 def make_figures(run_dir: Path, out: Path, *, photos: int = 4, smoke: bool = False,
                  note: str | None = None) -> list[Path]:
-    """Write the figures of `run_dir` into `out`; returns the files written."""
+    """Write the figures of `run_dir` into `out`; returns the files written. Everything they are
+    drawn from is checked first (the run's manifest, model settings, metrics and best model), so a
+    mistyped or unfinished run folder writes nothing and changes nothing."""
     from torchvision.transforms.v2 import functional as TF
 
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = artifacts.manifest_or_rebuild(run_dir, smoke)
-    settings = artifacts.model_settings_or_rebuild(run_dir, smoke)
+    run_dir = Path(run_dir)
+    manifest = artifacts.load_manifest(run_dir)
+    settings = artifacts.read_artifact(run_dir, runs.MODEL_SETTINGS_NAME, "02_model_setup")
+    for name in (runs.METRICS_NAME, runs.BEST_MODEL_NAME):
+        if not (run_dir / name).is_file():
+            raise FileNotFoundError(f"{runs.show_path(run_dir / name)} does not exist: {runs.show_path(run_dir)} "
+                                    "holds no finished training run (notebook 04 writes it). Nothing was written.")
     class_names, size = manifest["class_names"], settings["image_size"]
+    out.mkdir(parents=True, exist_ok=True)
     written = []
 
     train = artifacts.manifest_samples(manifest, "train")
@@ -152,12 +159,18 @@ def _about(run_dir: Path, out: Path, image_size: int, threshold: float, note: st
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="The figures of a finished run, for the README.")
     parser.add_argument("--run-dir", type=Path, default=None, help="default: the run notebook 01 last wrote")
-    parser.add_argument("--out", type=Path, default=runs.PROJECT_ROOT / "images")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="folder for the figures (default: figures/ in the run folder; the project's "
+                             "images/ only when named here)")
     parser.add_argument("--note", default=None, help="a line for about.md, e.g. what the run lacked")
     args = parser.parse_args(argv)
     smoke = runs.smoke_profile()
     run_dir = args.run_dir or runs.latest_run_dir(smoke)
-    for path in make_figures(run_dir, args.out, smoke=smoke, note=args.note):
+    try:
+        written = make_figures(run_dir, args.out or Path(run_dir) / "figures", smoke=smoke, note=args.note)
+    except (FileNotFoundError, ValueError) as error:  # ArtifactError is a ValueError
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    for path in written:
         print(f"{runs.show_path(path)}  {path.stat().st_size / 1e3:.0f} kB")
 
 

@@ -6,7 +6,9 @@ what the model got wrong, and train again on more data for less clicking.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import sys
 import time
@@ -43,52 +45,82 @@ def load_trained_model(run_dir: os.PathLike | str, device: torch.device | str = 
                        ) -> tuple[torch.nn.Module, list[str]]:
     """The best checkpoint of a run (notebook 04), ready for inference, and its class names.
 
-    ``checkpoint`` points elsewhere than the run folder's best_model.pt: a file, or an http(s)
-    address of one (downloaded into the run folder once). Either way it is read with
-    ``weights_only=True`` and must hold the classes of this run's manifest. The model settings
-    are rebuilt from notebook 02's defaults when missing (see ``artifacts``); a checkpoint cannot
-    be rebuilt, so a missing one stops with what to do.
+    ``checkpoint`` points elsewhere than the run folder's best_model.pt: a file, or an https
+    address of one, downloaded once into the run folder's ``downloaded/`` under a name made from
+    the address (another address is another file; the run's own best_model.pt is never touched).
+    Either way it is read with ``weights_only=True`` and must hold the classes of this run's
+    manifest; a download that does not is deleted, not kept. The model settings are rebuilt from
+    notebook 02's defaults when missing (see ``artifacts``); a checkpoint cannot be rebuilt, so a
+    missing one stops with what to do.
     """
     run_dir = Path(run_dir)
     settings = artifacts.model_settings_or_rebuild(run_dir, smoke)
-    path = _checkpoint_path(run_dir, checkpoint)
-    state = load_checkpoint(path, device)
-    class_names = list(state.get("class_names", []))
     expected = artifacts.load_manifest(run_dir)["class_names"]
-    if class_names != expected:
-        raise checkpoints.ArtifactError(
-            f"{runs.show_path(path)} was trained for the classes {class_names}, but this run's "
-            f"manifest lists {expected}. Use the checkpoint of a run on this dataset.")
-    model = build_model(len(class_names), image_size=settings["image_size"], pretrained=False)
+    path = checkpoint_file(run_dir, checkpoint)
+    if not path.is_file() and checkpoint is not None:
+        _download_checkpoint(str(checkpoint), path, expected)
+    elif not path.is_file():
+        raise FileNotFoundError(
+            f"{runs.show_path(path)} does not exist: there is no trained model for this run yet. "
+            "Run notebook 04 with the same run folder first (on Colab, with USE_DRIVE on, so "
+            "the folder outlives the runtime), or set CHECKPOINT in the settings cell to a "
+            "trained best_model.pt: a path, or an https:// address to download it from.")
+    state = load_checkpoint(path, device)
+    _check_classes(state, expected, path, checkpoint)
+    model = build_model(len(expected), image_size=settings["image_size"], pretrained=False)
     checkpoints.load_model_state(model, state, path)
-    return model.to(device).eval(), class_names
+    return model.to(device).eval(), list(expected)
 
 
-def _checkpoint_path(run_dir: Path, checkpoint: os.PathLike | str | None) -> Path:
-    own = run_dir / BEST_MODEL_NAME
+CHECKPOINT_MAX_BYTES = 2 << 30  # a best_model.pt of this model is about 185 MB
+ALLOW_HTTP_ENV = "TUTORIAL_ALLOW_HTTP"  # =1: accept a plain http:// CHECKPOINT address
+
+
+def checkpoint_file(run_dir: os.PathLike | str, checkpoint: os.PathLike | str | None) -> Path:
+    """Where the checkpoint of `run_dir` is read from: its best_model.pt, the file `checkpoint`
+    names, or, for an address, ``downloaded/<hash of the address>-<its file name>`` in the run
+    folder (so changing the address never reuses the first address's file)."""
+    run_dir = Path(run_dir)
     if checkpoint is None:
-        if not own.is_file():
-            raise FileNotFoundError(
-                f"{runs.show_path(own)} does not exist: there is no trained model for this run yet. "
-                "Run notebook 04 with the same run folder first (on Colab, with USE_DRIVE on, so "
-                "the folder outlives the runtime), or set CHECKPOINT in the settings cell to a "
-                "trained best_model.pt: a path, or an https:// address to download it from.")
-        return own
+        return run_dir / BEST_MODEL_NAME
     text = str(checkpoint)
     if not text.startswith(("http://", "https://")):
-        if not Path(text).expanduser().is_file():
+        path = Path(text).expanduser()
+        if not path.is_file():
             raise FileNotFoundError(f"CHECKPOINT points to {text}, which is not a file.")
-        return Path(text).expanduser()
-    if not own.is_file():
-        partial = checkpoints.temp_name(own)
+        return path
+    if text.startswith("http://") and os.environ.get(ALLOW_HTTP_ENV) != "1":
+        raise ValueError(f"CHECKPOINT {text} is a plain http:// address: anyone on the way could swap the "
+                         f"file. Use its https:// address, or set {ALLOW_HTTP_ENV}=1 if you trust the network.")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text.rstrip("/").rsplit("/", 1)[-1])[-60:] or "checkpoint.pt"
+    return run_dir / "downloaded" / f"{hashlib.sha256(text.encode()).hexdigest()[:12]}-{name}"
+
+
+def _download_checkpoint(url: str, path: Path, expected: list[str]) -> None:
+    """Fetch `url` (at most CHECKPOINT_MAX_BYTES, within a time limit), check it, then place it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = checkpoints.temp_name(path)
+    try:
         try:
-            download.fetch(text, partial, timeout=60, desc=BEST_MODEL_NAME)
-            load_checkpoint(partial)  # a damaged or foreign file never becomes best_model.pt
-            partial.replace(own)
-        finally:
-            partial.unlink(missing_ok=True)
-        print(f"Downloaded {text} to {runs.show_path(own)}")
-    return own
+            download.fetch(url, partial, timeout=60, desc=path.name, max_bytes=CHECKPOINT_MAX_BYTES,
+                           deadline_s=3600)
+        except (OSError, download.DownloadError) as error:
+            raise download.DownloadError(f"CHECKPOINT {url} could not be downloaded: {error}") from None
+        state = load_checkpoint(partial)  # a damaged or foreign file is never placed
+        _check_classes(state, expected, partial, url)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+    print(f"Downloaded {url} to {runs.show_path(path)}")
+
+
+def _check_classes(state: dict, expected: list[str], path: Path, source: os.PathLike | str | None) -> None:
+    class_names = list(state.get("class_names", []))
+    if class_names != expected:
+        origin = f" (downloaded from {source})" if str(source).startswith(("http://", "https://")) else ""
+        raise checkpoints.ArtifactError(
+            f"{runs.show_path(path)}{origin} was trained for the classes {class_names}, but this run's "
+            f"manifest lists {expected}. Use the checkpoint of a run on this dataset.")
 
 
 def proposals(model: torch.nn.Module) -> int:

@@ -9,6 +9,8 @@ is fine), always naming the file and, where one is at fault, the shape.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import math
 import os
 import random
@@ -97,6 +99,30 @@ class LabelMeSample:
             if rgb is not None and rgb.shape[:2] == (self.height, self.width):
                 return torch.from_numpy(rgb).permute(2, 0, 1)
         return TF.pil_to_tensor(self._decode_with_pillow(size))
+
+    def photo_file(self, folder: os.PathLike | str) -> Path:
+        """A file of this sample's photo: the image beside the JSON when there is one; for a photo
+        that exists only inside the JSON ("imageData", LabelMe's default save), a copy written once
+        to `folder` (named by the JSON's stem and the photo's hash, so it is never written twice
+        nor confused with another file's). Tools that need a path (folder prediction, copies for
+        relabelling) take this."""
+        if self.image_path is not None:
+            return self.image_path
+        if not self.image_bytes:
+            raise LabelMeError(f"{self.json_path}: no image file and no embedded image.", json_path=self.json_path)
+        try:
+            with Image.open(io.BytesIO(self.image_bytes)) as image:
+                suffix = {"JPEG": ".jpg", "PNG": ".png", "BMP": ".bmp", "TIFF": ".tif"}.get(image.format, ".png")
+        except Exception as exc:
+            raise LabelMeError(f"{self.json_path}: cannot decode the image embedded in \"imageData\": {exc}.",
+                               json_path=self.json_path) from exc
+        digest = hashlib.sha256(self.image_bytes).hexdigest()[:8]
+        path = Path(folder) / f"{self.stem}-{digest}{suffix}"
+        if not path.is_file():
+            from .checkpoints import atomic_write
+
+            atomic_write(path, lambda tmp: tmp.write_bytes(self.image_bytes))
+        return path
 
     def _read_image_bytes(self) -> bytes:
         try:
@@ -196,9 +222,12 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
     ``LabelMeSample.load_image``. Raises LabelMeError for anything that makes the file unusable;
     unusable single shapes are skipped with a LabelMeWarning, keeping the rest of the image.
     """
+    _check_writable_name(Path(json_path))
     context = parse.FileContext(Path(json_path).absolute())
     data = parse.read_json_object(context)
     image_path, image_bytes = parse.locate_image(context, data)
+    if image_path is not None:
+        _check_writable_name(image_path)
     width, height = parse.read_upright_size(context, image_path, image_bytes)
     parse.check_recorded_size(context, data, width, height)
 
@@ -207,7 +236,7 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
     ignore_regions: list[LabelMeInstance] = []
     groups: dict[tuple[str, int], LabelMeInstance] = {}
     for index, raw_shape in enumerate(raw_shapes):
-        parsed = parse.parse_shape(context, index, raw_shape)
+        parsed = parse.parse_shape(context, index, raw_shape, (width, height))
         if parsed is None:
             continue
         label, group_id, shape = parsed
@@ -232,6 +261,22 @@ def load_labelme_file(json_path: str | os.PathLike[str]) -> LabelMeSample:
         warnings=context.warnings,
         ignore_regions=ignore_regions,
     )
+
+
+def _printable(path: Path) -> str:
+    """A path that can be printed and written whatever bytes its name holds."""
+    return str(path).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_writable_name(path: Path) -> None:
+    """A name that is not valid UTF-8 (possible on Linux) cannot go into the manifest (JSON, UTF-8)
+    or any report: say so now, in the QA pass, rather than at the first write."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LabelMeError(f"{_printable(path)}: the file name is not valid UTF-8 text, so it cannot be "
+                           "written into the run folder's files; rename the file (and its photo).",
+                           json_path=path) from None
 
 
 def load_labelme_folder(
@@ -299,6 +344,9 @@ def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError],
             samples.append(load_labelme_file(json_path))
         except LabelMeError as error:
             errors.append(error)
+        except (RecursionError, MemoryError, OSError, ValueError) as error:  # never out of a QA pass
+            errors.append(LabelMeError(f"{_printable(json_path)}: cannot be loaded ({type(error).__name__}: "
+                                       f"{error}).", json_path=json_path))
     return samples, errors, len(json_paths)
 
 

@@ -61,19 +61,28 @@ class LabelMeShape:
     """One drawable shape of a LabelMe file, validated and normalised.
 
     ``eq=False`` because comparing numpy arrays field by field is ambiguous; shapes compare by
-    identity. ``points`` (and ``mask``) are made read-only so a sample shared by several datasets
-    cannot be changed behind their back.
+    identity. ``points`` are made read-only so a sample shared by several datasets cannot be
+    changed behind their back. A mask shape keeps its patch as the PNG bytes of the file (checked
+    and no larger than the photo) and decodes it when asked (``mask``), so a file full of large
+    patches costs its size in memory, not its pixels'.
     """
 
     index: int
     kind: Literal["polygon", "rectangle", "circle", "mask"]
     points: np.ndarray
-    mask: np.ndarray | None = None
+    mask_png: bytes | None = None
+    mask_size: tuple[int, int] | None = None  # (width, height) of the patch
 
     def __post_init__(self) -> None:
         self.points.setflags(write=False)
-        if self.mask is not None:
-            self.mask.setflags(write=False)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The mask patch, boolean (height, width), decoded now; None for other shapes."""
+        if self.mask_png is None:
+            return None
+        with Image.open(io.BytesIO(self.mask_png)) as patch:
+            return np.asarray(patch.convert("L")) > 0
 
 
 @dataclass
@@ -127,6 +136,9 @@ def read_json_object(context: FileContext) -> dict[str, Any]:
         )
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise context.error("nests lists or objects too deeply to be a LabelMe file; re-save it from "
+                            "LabelMe.") from None
     except json.JSONDecodeError as exc:
         raise context.error(
             f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); was it cut "
@@ -141,9 +153,19 @@ def read_json_object(context: FileContext) -> dict[str, Any]:
 
 
 def locate_image(context: FileContext, data: dict[str, Any]) -> tuple[Path | None, bytes | None]:
-    """Return (image file, None) or (None, embedded image bytes); embedded data wins, as in LabelMe."""
+    """Return (image file, None) or (None, embedded image bytes).
+
+    The photo's file wins whenever it exists ("imagePath", or an image with the JSON's stem beside
+    it): LabelMe's default save also embeds the photo ("imageData"), and a sample with a file is
+    decoded from disk when needed instead of being held in memory. The embedded bytes are used
+    only when no file can be found.
+    """
     image_data = data.get("imageData")
     if isinstance(image_data, str) and image_data.strip():
+        try:
+            return _find_image_file(context, data.get("imagePath")), None
+        except LabelMeError:
+            pass  # no file: the embedded photo it is
         try:
             return None, _b64decode(image_data)
         except ValueError as exc:
@@ -208,12 +230,26 @@ def read_upright_size(
     context: FileContext, image_path: Path | None, image_bytes: bytes | None
 ) -> tuple[int, int]:
     try:
-        with Image.open(image_path if image_path is not None else io.BytesIO(image_bytes)) as image:
-            return pixels.upright_size(image)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # judged below
+            with Image.open(image_path if image_path is not None else io.BytesIO(image_bytes)) as image:
+                width, height = pixels.upright_size(image)
     except Exception as exc:  # Pillow reports damaged files with many exception types
         raise context.error(
             f"cannot read {describe_image(image_path)}: {exc}. Replace it with an intact copy."
         ) from exc
+    if image_bytes is not None and width * height > EMBEDDED_MAX_PIXELS:
+        raise context.error(
+            f'embeds a {width}x{height} photo in "imageData" ({width * height / 1e6:.0f} megapixels, '
+            f"{width * height * 3 / 1e9:.1f} GB each time it is decoded). Save the photo as a file beside "
+            'the JSON (in LabelMe, untick File > Save With Image Data) or shrink it first.'
+        )
+    return width, height
+
+
+# An embedded photo is decoded whole each time it is used (a file can be decoded at a reduced
+# scale); Pillow's own limit for a decompression bomb.
+EMBEDDED_MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 def describe_image(image_path: Path | None) -> str:
@@ -248,7 +284,7 @@ def shape_list(context: FileContext, data: dict[str, Any]) -> list[Any]:
 
 
 def parse_shape(
-    context: FileContext, index: int, raw: Any
+    context: FileContext, index: int, raw: Any, photo_size: tuple[int, int] | None = None
 ) -> tuple[str, int | None, LabelMeShape] | None:
     """Validate one entry of "shapes"; return (label, group_id, shape), or None when skipped."""
     if not isinstance(raw, dict):
@@ -306,7 +342,7 @@ def parse_shape(
         return (
             label,
             group_id,
-            LabelMeShape(index, "mask", points, _decode_mask_patch(context, index, raw.get("mask"))),
+            LabelMeShape(index, "mask", points, *_check_mask_patch(context, index, raw.get("mask"), photo_size)),
         )
     raise context.error(
         f"has unknown shape_type {_brief(shape_type)} (label {label!r}). Supported: "
@@ -351,16 +387,32 @@ def _require_points(
         )
 
 
-def _decode_mask_patch(context: FileContext, index: int, value: Any) -> np.ndarray:
+def _check_mask_patch(context: FileContext, index: int, value: Any, photo_size: tuple[int, int] | None
+                      ) -> tuple[bytes, tuple[int, int]]:
+    """The patch's PNG bytes and size, read from its header only: a patch larger than the photo is
+    refused before a pixel is decoded (a few kB of PNG can declare gigabytes of pixels)."""
     if not isinstance(value, str) or not value.strip():
         raise context.error('is a mask shape without "mask" data (a base64-encoded PNG)', index)
     try:
-        with Image.open(io.BytesIO(_b64decode(value))) as patch:
-            return np.asarray(patch.convert("L")) > 0
+        data = _b64decode(value)
+        with Image.open(io.BytesIO(data)) as patch:
+            size = patch.size
     except Exception as exc:  # binascii.Error or any of Pillow's exception types
         raise context.error(
             f'"mask" is not a base64-encoded PNG ({exc}); redraw the mask in LabelMe.', index
         ) from exc
+    if photo_size is not None and (size[0] > photo_size[0] or size[1] > photo_size[1]):
+        raise context.error(
+            f'"mask" is a {size[0]}x{size[1]} patch, larger than the {photo_size[0]}x{photo_size[1]} photo; '
+            "redraw the mask in LabelMe.", index)
+    try:
+        with Image.open(io.BytesIO(data)) as patch:
+            patch.verify()  # the whole PNG is intact (checksums), still without decoding pixels
+    except Exception as exc:
+        raise context.error(
+            f'"mask" is not a base64-encoded PNG ({exc}); redraw the mask in LabelMe.', index
+        ) from exc
+    return data, size
 
 
 def check_inside(
@@ -374,7 +426,7 @@ def check_inside(
     """
     if shape.kind == "mask":
         origin = np.floor(shape.points[0])
-        extent = np.stack([origin, origin + shape.mask.shape[::-1]])
+        extent = np.stack([origin, origin + np.asarray(shape.mask_size)])
     else:
         extent = shape.points
     if (extent.min(axis=0) >= 0).all() and (extent.max(axis=0) <= (width, height)).all():

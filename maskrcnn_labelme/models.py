@@ -104,7 +104,9 @@ def load_maskrcnn(*, image_size: int = 512, pretrained: bool = True, download: b
             "initialised Mask R-CNN needs far more data and epochs to learn: expect poor\n"
             "results. To fix: run this once with internet access (the weights are cached in\n"
             f"{coco_weights_file().parent}), or copy the genuine {coco_weights_file().name}\n"
-            "there (it is checked against its published hash before use).\n" + "!" * 78
+            "there (it is checked against its published hash before use). In a classroom\n"
+            "without internet: python3 tasks.py tutorial --kit PATH, with the instructor's\n"
+            "kit (python3 tasks.py classroom-kit DIR), puts them there.\n" + "!" * 78
         )
         return model
     model.load_state_dict(state)
@@ -116,8 +118,8 @@ def load_maskrcnn(*, image_size: int = 512, pretrained: bool = True, download: b
 def replace_heads(model: torch.nn.Module, num_classes: int) -> torch.nn.Module:
     """Swap the last layer of the box head and the mask head for ones with `num_classes` outputs.
 
-    Everything before them (backbone, FPN, RPN, the box head's two hidden layers, the mask head's
-    four convolutions) keeps its weights: that is what fine-tuning reuses. num_classes counts
+    Everything before them (backbone, FPN, RPN, the v2 box head's four convolutions and linear
+    layer, the mask head's four convolutions) keeps its weights: that is what fine-tuning reuses. num_classes counts
     the background (class 0), as torchvision expects.
     """
     box_features = model.roi_heads.box_predictor.cls_score.in_features  # 1024

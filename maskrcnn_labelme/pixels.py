@@ -145,12 +145,28 @@ def rasterize_shapes(
     def corners(points: np.ndarray) -> list[float]:
         return (np.floor(points) + margin).ravel().tolist()
 
+    # Pillow draws in 32-bit integers: a coordinate of 2**31 would wrap around. Shapes reaching
+    # that far are first cut to a box a little larger than the canvas, which leaves every pixel
+    # of the canvas as it was.
+    low, high = np.array([-8.0, -8.0]), np.array([width + 8.0, height + 8.0])
     for shape in shapes:
         points = shape.points * scale_xy + shift_xy
+        far = bool((np.abs(points) > FAR).any())
         if shape.kind == "polygon":
-            draw.polygon(corners(points), fill=1, outline=1)
+            if far:
+                points = clip_polygon(points, low, high)
+            if len(points):
+                draw.polygon(corners(points), fill=1, outline=1)
         elif shape.kind == "rectangle":
-            draw.rectangle(corners(points), fill=1, outline=1)
+            lo, hi = np.maximum(points.min(axis=0), low), np.minimum(points.max(axis=0), high)
+            if (hi >= lo).all():
+                draw.rectangle(corners(np.stack([lo, hi])), fill=1, outline=1)
+        elif shape.kind == "circle" and far:
+            radius = math.dist(shape.points[0], shape.points[1]) * scale_xy
+            ys, xs = np.mgrid[-margin:height + margin, -margin:width + margin] + 0.5
+            inside = (((xs - points[0][0]) / radius[0]) ** 2 + ((ys - points[0][1]) / radius[1]) ** 2) <= 1
+            canvas = Image.fromarray(np.array(canvas) | inside)
+            draw = ImageDraw.Draw(canvas)
         elif shape.kind == "circle":
             radius = math.dist(shape.points[0], shape.points[1]) * scale_xy
             draw.ellipse(corners(np.stack([points[0] - radius, points[0] + radius])), fill=1, outline=1)
@@ -187,11 +203,34 @@ def _paste_patch(mask: np.ndarray, shape: LabelMeShape, scale: np.ndarray, shift
         ]
 
 
+FAR = 1e6  # coordinates beyond this (in pixels) are clipped before Pillow draws them
+
+
+def clip_polygon(points: np.ndarray, low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    """The part of a polygon inside the box [low, high] (Sutherland-Hodgman), as its corners."""
+    polygon = [np.asarray(p, dtype=np.float64) for p in points]
+    for axis in (0, 1):
+        for bound, keep in ((low[axis], lambda v, b: v >= b), (high[axis], lambda v, b: v <= b)):
+            clipped = []
+            for i, current in enumerate(polygon):
+                previous = polygon[i - 1]
+                inside_now, inside_before = keep(current[axis], bound), keep(previous[axis], bound)
+                if inside_now != inside_before:  # the edge crosses the bound: add the crossing
+                    share = (bound - previous[axis]) / (current[axis] - previous[axis])
+                    clipped.append(previous + share * (current - previous))
+                if inside_now:
+                    clipped.append(current)
+            polygon = clipped
+            if not polygon:
+                return np.zeros((0, 2))
+    return np.array(polygon)
+
+
 def shape_corners(shape: LabelMeShape) -> tuple[np.ndarray, np.ndarray]:
     """(x, y) corners of the pixels a shape covers: pixel i spans [i, i + 1) (see above)."""
     if shape.kind == "mask":
         low = np.floor(shape.points[0])
-        return low, low + shape.mask.shape[::-1]
+        return low, low + np.asarray(shape.mask_size)
     if shape.kind == "circle":
         radius = math.dist(shape.points[0], shape.points[1])
         return shape.points[0] - radius, shape.points[0] + radius + 1

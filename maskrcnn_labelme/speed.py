@@ -122,5 +122,33 @@ def latency_side_by_side(models: Mapping[str, Any], photos: Sequence[Image.Image
             out = predict(model, photo, score_threshold=score_threshold)
             times[name].append(time.perf_counter() - start)
             kept[name].append(len(out["scores"]))
-    return {name: {"seconds": statistics.median(times[name]),
+    return {name: {"seconds": statistics.median(times[name]), "times": times[name],
                    "detections": statistics.fmean(kept[name])} for name in models}
+
+
+def timing_noise(times: Sequence[float], rounds: int) -> float:
+    """How much one path's time for the same photo varies between rounds, relative: the median
+    over photos of |first round - last round| / their mean. 0 with a single round."""
+    if rounds < 2:
+        return 0.0
+    per_round = len(times) // rounds
+    first, last = times[:per_round], times[(rounds - 1) * per_round:rounds * per_round]
+    return statistics.median(abs(a - b) / ((a + b) / 2) for a, b in zip(first, last))
+
+
+def choose_fastest(timing: Mapping[str, Mapping[str, Any]], candidates: Sequence[str], rounds: int
+                   ) -> tuple[str, list[str]]:
+    """The path to use among `candidates`, listed simplest first: a path replaces the one chosen
+    so far only when it is faster on the same photos by more than the timing noise of the two
+    (``timing_noise``, measured in this run), so a choice never flips with a busy moment of the
+    machine. Returns the choice and one line per comparison saying why."""
+    chosen, reasons = candidates[0], []
+    for name in candidates[1:]:
+        ratio = statistics.median(a / b for a, b in zip(timing[name]["times"], timing[chosen]["times"]))
+        noise = max(timing_noise(timing[name]["times"], rounds), timing_noise(timing[chosen]["times"], rounds))
+        verdict = ratio < 1 - noise
+        reasons.append(f"{name}: {ratio:.2f}x the time of {chosen} (noise {noise:.0%}): "
+                       + ("faster beyond the noise, chosen" if verdict else "not faster beyond the noise"))
+        if verdict:
+            chosen = name
+    return chosen, reasons

@@ -174,7 +174,7 @@ def test_a_checkpoint_address_is_downloaded_once_and_verified(tmp_path, monkeypa
     torch.save({"model": model.state_dict(), "class_names": ["background", "student_id"]}, published)
     fetched = []
 
-    def fake_fetch(url, path, timeout=30, desc=""):
+    def fake_fetch(url, path, timeout=30, desc="", **limits):
         fetched.append(url)
         shutil.copyfile(published, path)
 

@@ -4,8 +4,9 @@ Notebook 04 is executed with its shown ``fit`` edited (the validation loss repla
 metrics it writes must show the edit, so the loop on view is the loop that runs. The command then
 trains with the same settings, stopped after epoch 1 and resumed in a new process with two
 DataLoader workers (the notebook resumes in its own kernel, with this machine's worker count):
-the settings file and every metric that the edit does not touch must be equal, which also shows
-that a resume is exact in any process and with any number of workers.
+the settings file and every metric that the edit does not touch must be equal. A run straight
+through, without worker processes, must equal the stopped-and-resumed one, weights included: a
+resume is exact in any process and with any number of workers.
 """
 from __future__ import annotations
 
@@ -53,16 +54,21 @@ def notebook_run(tmp_path_factory):
     return runs_dir / "smoke"
 
 
+def train_command(run_dir: Path, *extra: str) -> str:
+    command = [sys.executable, "-m", "maskrcnn_labelme.train", "--data", str(download.SAMPLE_DIR),
+               "--run-dir", str(run_dir), "--no-progress", *extra]
+    env = {**os.environ, "TUTORIAL_SMOKE": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result.stdout
+
+
 @pytest.fixture(scope="module")
 def command_run(tmp_path_factory):
+    """Two processes with two DataLoader workers each: stopped after epoch 1, then resumed."""
     run_dir = tmp_path_factory.mktemp("command") / "run"
-    command = [sys.executable, "-m", "maskrcnn_labelme.train", "--data", str(download.SAMPLE_DIR),
-               "--run-dir", str(run_dir), "--workers", "2", "--no-progress"]
-    env = {**os.environ, "TUTORIAL_SMOKE": "1", "PYTHONPATH": str(ROOT)}
-    for extra in (["--stop-after", "1"], []):  # two processes: stopped after epoch 1, then resumed
-        result = subprocess.run(command + extra, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-4000:]
-    assert "Resuming from" in result.stdout
+    train_command(run_dir, "--workers", "2", "--stop-after", "1")
+    assert "Resuming from" in train_command(run_dir, "--workers", "2")
     return run_dir
 
 
@@ -85,3 +91,20 @@ def test_the_command_writes_the_settings_and_metrics_notebook_04_writes(notebook
     test_notebook = json.loads((notebook_run / runs.TEST_METRICS_NAME).read_text(encoding="utf-8"))
     test_command = json.loads((command_run / runs.TEST_METRICS_NAME).read_text(encoding="utf-8"))
     assert test_notebook == pytest.approx(test_command, rel=1e-5, abs=1e-7)
+
+
+def test_a_run_resumed_in_a_new_process_equals_one_never_interrupted(command_run, tmp_path):
+    """Exact resume in any process: the weights and every metric of the run that was stopped and
+    resumed (two workers) equal those of one run straight through (no worker process at all)."""
+    import torch
+
+    straight = tmp_path / "straight"
+    train_command(straight, "--workers", "0")
+    resumed_rows, straight_rows = rows(command_run / runs.METRICS_NAME), rows(straight / runs.METRICS_NAME)
+    for resumed, uninterrupted in zip(resumed_rows, straight_rows, strict=True):
+        for key in resumed.keys() - {"seconds"}:
+            assert resumed[key] == pytest.approx(uninterrupted[key], rel=1e-5, abs=1e-7), key
+    a = torch.load(command_run / runs.CHECKPOINT_NAME, weights_only=True)["model"]
+    b = torch.load(straight / runs.CHECKPOINT_NAME, weights_only=True)["model"]
+    for name in a:
+        assert torch.allclose(a[name].float(), b[name].float(), rtol=1e-4, atol=1e-6), name
