@@ -20,6 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # Notebook 04 resumes from a checkpoint it finds: start every test session from scratch so
     # the notebooks run exactly as in a fresh clone.
     shutil.rmtree(SMOKE_RUN, ignore_errors=True)
+    # ...and from the embedded sample's run folder, not one a smoke run on another folder noted
+    (SMOKE_RUN.parent / "last_smoke_run.txt").unlink(missing_ok=True)
 
 
 def pytest_collectstart(collector: pytest.Collector) -> None:

@@ -113,6 +113,7 @@ def execute_notebooks(python: Path, smoke: bool, in_place: bool) -> None:
     out_dir = ROOT / "runs" / "executed"
     if smoke:  # as in a fresh clone: notebook 04 would otherwise resume an earlier smoke run
         shutil.rmtree(ROOT / "runs" / "smoke", ignore_errors=True)
+        (ROOT / "runs" / "last_smoke_run.txt").unlink(missing_ok=True)
     for notebook in NOTEBOOKS:
         started = time.perf_counter()
         target = ["--inplace"] if in_place else ["--output-dir", out_dir]

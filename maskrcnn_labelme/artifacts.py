@@ -50,9 +50,13 @@ def class_colors(count: int, seed: int = SEED) -> list[tuple[int, int, int]]:
 
 
 def labels_file_of(data_dir: os.PathLike | str) -> Path | None:
-    """The data folder's LabelMe labels file (labels.txt), when it has one."""
-    path = Path(data_dir) / "labels.txt"
-    return path if path.is_file() else None
+    """The data folder's LabelMe labels file (labels.txt), in the folder or the one above it
+    (where labelme's own examples keep it, beside data_annotated/), when there is one."""
+    folder = Path(data_dir).resolve()
+    for path in (folder / "labels.txt", folder.parent / "labels.txt"):
+        if path.is_file():
+            return path
+    return None
 
 
 def build_manifest(data_dir: os.PathLike | str, samples: Sequence[labelme.LabelMeSample], *,
@@ -66,12 +70,19 @@ def build_manifest(data_dir: os.PathLike | str, samples: Sequence[labelme.LabelM
     """
     labels_file = labels_file or labels_file_of(data_dir)
     class_names = labelme.read_labels_file(labels_file) if labels_file else class_names_of(samples)
+    from_folders = splits.folder_splits(samples, fractions, seed)
+    if from_folders is None:
+        cut, source = splits.split_by_class(samples, fractions, seed=seed), "seeded"
+    else:
+        cut, carved = from_folders
+        source = "folders" + (f" ({', '.join(carved)} carved from train)" if carved else "")
     return {
         "data_dir": str(Path(data_dir).resolve()),
         "class_names": class_names,
         "colors": class_colors(len(class_names) - 1, seed),
         "seed": seed,
-        "splits": splits.split_by_class(samples, fractions, seed=seed),
+        "split_from": source,
+        "splits": cut,
     }
 
 
@@ -153,4 +164,9 @@ def load_manifest(run_dir: os.PathLike | str) -> dict[str, Any]:
 def manifest_samples(manifest: Mapping[str, Any], split: str) -> list[labelme.LabelMeSample]:
     """The samples of one split, loaded from the folder the manifest names."""
     folder = Path(manifest["data_dir"])
-    return [labelme.load_labelme_file(folder / f"{stem}.json") for stem in manifest["splits"][split]]
+    samples = []
+    for key in manifest["splits"][split]:
+        sample = labelme.load_labelme_file(folder / f"{key}.json")
+        sample.key = key  # "train/0001" for a file in a subfolder
+        samples.append(sample)
+    return samples

@@ -32,7 +32,7 @@ from .runs import BEST_MODEL_NAME, CHECKPOINT_NAME, METRICS_NAME, TRAIN_SETTINGS
 LOCK_NAME = "training.lock"  # held by the training that writes to the run folder
 
 __all__ = [
-    "LOCK_NAME", "ArtifactError", "Checkpointer", "RunLocked", "data_digests", "WriteError", "atomic_write", "load_checkpoint", "load_model_state",
+    "LOCK_NAME", "ArtifactError", "Checkpointer", "RunLocked", "data_digests", "slim_finished_run", "WriteError", "atomic_write", "load_checkpoint", "load_model_state",
     "remove_stale_temp", "save_atomic", "temp_name", "write_json_atomic", "write_text_atomic",
 ]
 
@@ -311,6 +311,13 @@ class Checkpointer:
                                  "folder must be one folder that every machine sees."):
             state = load_checkpoint(path, self.device)
             _check_same_run(path, state.get("run") or {}, self.identity)
+            if state.get("finished"):  # slimmed by slim_finished_run: nothing to resume, nothing to load
+                history = list(state["history"])
+                if self.main:
+                    print(f"{show_path(self.run_dir)} holds a finished run ({len(history)} of {state['epochs']} "
+                          "epochs): nothing left to train. To train another run, set RUN_DIR in notebook 04's "
+                          "settings cell (or --run-dir) to a new folder, or delete this one.")
+                return history
             load_model_state(model, state, path)
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
@@ -387,3 +394,21 @@ def _check_same_run(path: Path, saved: Mapping[str, Any], now: Mapping[str, Any]
             + "\n  ".join(differ) + "\nTo train with the new data or settings, use another run folder "
             "(or delete this one); to resume, set everything back as it was."
         )
+
+
+def slim_finished_run(run_dir: os.PathLike | str) -> int:
+    """Replace a finished run's last_checkpoint.pt (model, optimizer: about 550 MB) by a small one
+    that keeps what makes the run this run and its history, so that running notebook 04 again
+    still finds the run complete instead of training it anew; best_model.pt is untouched. Returns
+    the bytes freed (0 when the run is not finished or already slim)."""
+    path = Path(run_dir) / CHECKPOINT_NAME
+    if not path.is_file():
+        return 0
+    state = load_checkpoint(path)
+    if state.get("finished") or len(state.get("history", [])) < state.get("epochs", 0):
+        return 0
+    before = path.stat().st_size
+    save_atomic({"model": {}, "finished": True, "history": state["history"], "epochs": state["epochs"],
+                 "epoch": state["epoch"], "run": state.get("run", {}), "settings": state.get("settings", {}),
+                 "best_segm_AP": state.get("best_segm_AP")}, path)
+    return before - path.stat().st_size

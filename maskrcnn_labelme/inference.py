@@ -31,7 +31,8 @@ from .runs import BEST_MODEL_NAME
 from .checkpoints import load_checkpoint, write_json_atomic
 
 __all__ = [
-    "DEFAULT_PROPOSALS", "choose_proposals", "load_trained_model", "mask_to_polygons", "predict",
+    "DEFAULT_PROPOSALS", "POLYGON_TOLERANCE", "choose_proposals", "load_trained_model", "mask_to_polygons",
+    "polygon_fidelity", "predict",
     "predict_folder", "prediction_to_labelme", "proposals", "set_proposals", "upsample_mask",
     "working_size",
 ]
@@ -238,17 +239,27 @@ def predict(model: torch.nn.Module, image: Image.Image, device: torch.device | s
     }
 
 
-def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, min_area: float = 16.0
-                     ) -> list[list[list[float]]]:
-    """Outlines of a boolean mask as LabelMe polygons, simplified to within `tolerance` pixels.
+POLYGON_TOLERANCE = 1.5  # px: how far a simplified outline may stray from the mask's own
+PART_SHARE = 0.1  # a further part of a mask becomes a polygon only from this share of the mask on
 
-    Each separate blob becomes one polygon (holes are ignored, as in LabelMe's polygons); blobs
-    smaller than `min_area` pixels are dropped. OpenCV traces the outlines.
+
+def mask_to_polygons(mask: np.ndarray, tolerance: float = POLYGON_TOLERANCE, min_share: float = PART_SHARE,
+                     min_area: float = 16.0) -> list[list[list[float]]]:
+    """Outlines of a boolean mask as LabelMe polygons, simplified to within `tolerance` pixels:
+    what a person correcting the prediction in LabelMe wants, one clean polygon per object.
+
+    The largest part of the mask always becomes a polygon; a further separate part only when it
+    holds at least `min_share` of the mask's area (a real second piece of the object, such as
+    one cut in two by something in front of it), never a speck. Holes are ignored, as LabelMe's
+    polygons cannot hold them; parts under `min_area` pixels are dropped. OpenCV traces the
+    outlines and simplifies them (Douglas-Peucker).
     """
     contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    parts = sorted(((cv2.contourArea(c), c) for c in contours), key=lambda part: -part[0])
+    total = sum(area for area, _ in parts)
     polygons = []
-    for contour in contours:
-        if cv2.contourArea(contour) < min_area:
+    for rank, (area, contour) in enumerate(parts):
+        if area < min_area or (rank > 0 and area < min_share * total):
             continue
         simplified = cv2.approxPolyDP(contour, tolerance, closed=True)[:, 0, :]
         if len(simplified) >= 3:
@@ -256,17 +267,41 @@ def mask_to_polygons(mask: np.ndarray, tolerance: float = 1.0, min_area: float =
     return polygons
 
 
-def prediction_to_labelme(prediction: Mapping[str, torch.Tensor], class_names: Sequence[str],
-                          image_name: str, width: int, height: int) -> dict[str, Any]:
-    """A LabelMe 5.x document holding a prediction's masks as polygons.
+def polygon_fidelity(masks: Sequence[np.ndarray], tolerance: float = POLYGON_TOLERANCE,
+                     min_share: float = PART_SHARE) -> dict[str, float]:
+    """How well ``mask_to_polygons``' polygons keep the masks they come from: polygons and points
+    per mask, and the IoU between each mask and its polygons drawn back as LabelMe draws them."""
+    from .labelme_parse import LabelMeShape
 
-    Instances made of several blobs share a group_id, so loading the file back (or opening it in
+    ious, points, pieces = [], [], []
+    for mask in masks:
+        if not mask.any():
+            continue
+        polygons = mask_to_polygons(mask, tolerance, min_share)
+        shapes = [LabelMeShape(0, "polygon", np.asarray(p, dtype=np.float64)) for p in polygons]
+        drawn = pixels.rasterize_shapes(shapes, mask.shape[1], mask.shape[0], (1.0, 1.0)) if shapes else \
+            np.zeros_like(mask, dtype=bool)
+        ious.append((drawn & mask).sum() / (drawn | mask).sum())
+        points.append(sum(len(p) for p in polygons))
+        pieces.append(len(polygons))
+    if not ious:
+        return {"masks": 0}
+    return {"masks": len(ious), "polygons_per_mask": float(np.mean(pieces)), "points_per_mask": float(np.mean(points)),
+            "mean_iou": float(np.mean(ious)), "min_iou": float(np.min(ious))}
+
+
+def prediction_to_labelme(prediction: Mapping[str, torch.Tensor], class_names: Sequence[str],
+                          image_name: str, width: int, height: int, *,
+                          tolerance: float = POLYGON_TOLERANCE) -> dict[str, Any]:
+    """A LabelMe 5.x document holding a prediction's masks as polygons (``mask_to_polygons``).
+
+    Instances made of several parts share a group_id, so loading the file back (or opening it in
     LabelMe and training again) keeps them one instance. The score goes into the description.
     """
     shapes = []
     for index, (mask, label, score) in enumerate(zip(
             prediction["masks"].numpy(), prediction["labels"].tolist(), prediction["scores"].tolist())):
-        polygons = mask_to_polygons(mask)
+        polygons = mask_to_polygons(mask, tolerance)
         for points in polygons:
             shapes.append({
                 "label": class_names[label], "points": points, "group_id": index if len(polygons) > 1 else None,
@@ -280,7 +315,7 @@ def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], 
                    class_names: Sequence[str], colors: Sequence[Sequence[int]] | None = None,
                    device="cpu", *,
                    score_threshold: float = 0.5, mask_threshold: float = 0.5,
-                   progress: bool = True) -> list[dict[str, Any]]:
+                   polygon_tolerance: float = POLYGON_TOLERANCE, progress: bool = True) -> list[dict[str, Any]]:
     """Predict every image and write, into out_dir: a copy of the image, its predictions as a
     LabelMe JSON file beside it, and a drawing of them in out_dir/annotated/.
 
@@ -315,7 +350,7 @@ def predict_folder(model: torch.nn.Module, images: Sequence[os.PathLike | str], 
             else:
                 rows.append(_predict_photo(model, image, path, out_dir, stem, class_names, colors,
                                            device, score_threshold=score_threshold,
-                                           mask_threshold=mask_threshold))
+                                           mask_threshold=mask_threshold, polygon_tolerance=polygon_tolerance))
             del image  # the next photo is already being decoded: keep at most two in memory
             bar.set_postfix_str(f"{done / (time.perf_counter() - started):.2f} photos/s")
     return rows
@@ -358,7 +393,7 @@ def _read_photo(path: Path) -> Image.Image:
 
 def _predict_photo(model: torch.nn.Module, image: Image.Image, path: Path, out_dir: Path, stem: str,
                    class_names: Sequence[str], colors: Sequence[Sequence[int]] | None, device, *,
-                   score_threshold: float, mask_threshold: float) -> dict[str, Any]:
+                   score_threshold: float, mask_threshold: float, polygon_tolerance: float) -> dict[str, Any]:
     """predict_folder's work for one photo (`image`, read from `path`), writing its files under
     the name `stem`; returns its summary row. A function of its own so that the masks and the
     drawing (hundreds of MB for a large photo) are freed before the next photo."""
@@ -380,7 +415,8 @@ def _predict_photo(model: torch.nn.Module, image: Image.Image, path: Path, out_d
         # the original file, EXIF included: LabelMe and our loader both apply the EXIF
         # rotation, and the polygons are in that rotated frame
         shutil.copyfile(path, image_copy)
-    document = prediction_to_labelme(prediction, class_names, image_copy.name, *image.size)
+    document = prediction_to_labelme(prediction, class_names, image_copy.name, *image.size,
+                                     tolerance=polygon_tolerance)
     write_json_atomic(json_path, document)
     instances = len({(s["label"], s["group_id"] if s["group_id"] is not None else f"shape {i}")
                      for i, s in enumerate(document["shapes"])})

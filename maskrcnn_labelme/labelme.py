@@ -10,6 +10,7 @@ is fine), always naming the file and, where one is at fault, the shape.
 from __future__ import annotations
 
 import hashlib
+import json
 import io
 import math
 import os
@@ -57,6 +58,12 @@ class LabelMeSample:
     # shapes labelled "__ignore__": no class, never a training target; COCO evaluation counts
     # them as crowd regions (iscrowd=1), where a detection is neither right nor wrong
     ignore_regions: list[LabelMeInstance] = field(default_factory=list)
+    # the file's place in its data folder: "0001", or "train/0001" in a subfolder (the manifest's
+    # name for it); the JSON's stem unless loaded from a folder
+    key: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = self.key or self.json_path.stem
 
     @property
     def stem(self) -> str:
@@ -202,6 +209,8 @@ class LabelMeReport:
     errors: list[LabelMeError]
     warnings: list[str]
     class_names: list[str] | None = None  # from the labels file, when one was given
+    skipped: list[str] = field(default_factory=list)  # JSON files that are not LabelMe files, and why
+    folders: dict[str, int] = field(default_factory=dict)  # LabelMe files per subfolder ("." the top)
 
     @property
     def negatives(self) -> list[LabelMeSample]:
@@ -282,7 +291,8 @@ def _check_writable_name(path: Path) -> None:
 def load_labelme_folder(
     folder: str | os.PathLike[str], *, on_error: Literal["raise", "skip"] = "raise"
 ) -> list[LabelMeSample]:
-    """Load every ``*.json`` of ``folder`` (sorted, not recursive).
+    """Load every LabelMe ``*.json`` of ``folder`` and its subfolders (sorted); JSON files that are
+    not LabelMe files (a COCO file beside the folders) are skipped with a warning that says why.
 
     All files are read before anything is raised, so one run shows every broken file:
     ``on_error="raise"`` raises a single LabelMeError listing them all; ``on_error="skip"`` warns
@@ -290,7 +300,9 @@ def load_labelme_folder(
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
-    samples, errors, n_files = _load_folder(Path(folder))
+    samples, errors, n_files, skipped, _ = _load_folder(Path(folder))
+    for line in skipped:
+        warnings.warn(LabelMeWarning(f"{folder}: {line}"), stacklevel=2)
     if errors and on_error == "raise":
         listing = "\n".join(f"  - {error}" for error in errors)
         raise LabelMeError(
@@ -316,7 +328,7 @@ def report_labelme_folder(folder: str | os.PathLike[str],
     """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LabelMeWarning)
-        samples, errors, _ = _load_folder(Path(folder))
+        samples, errors, _, skipped, folders = _load_folder(Path(folder))
         del caught[:]  # the samples keep their own warnings
         class_names = None if labels_file is None else read_labels_file(labels_file)
     messages = [message for sample in samples for message in sample.warnings]
@@ -325,29 +337,71 @@ def report_labelme_folder(folder: str | os.PathLike[str],
     folder_messages = label_spelling_warnings(samples, known)
     if class_names is not None:
         folder_messages += unknown_label_warnings(samples, class_names, Path(labels_file).name)
-    return LabelMeReport(samples, errors, messages + [f"{folder}: {m}" for m in folder_messages], class_names)
+    return LabelMeReport(samples, errors, messages + [f"{folder}: {m}" for m in folder_messages], class_names,
+                         skipped, folders)
 
 
-def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError], int]:
+def _json_files(folder: Path) -> list[Path]:
+    """Every .json under `folder`, at any depth (hidden folders left out), sorted."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [Path(root) / name for name in files if name.lower().endswith(".json") and not name.startswith(".")]
+    return sorted(found)
+
+
+def not_labelme_reason(path: Path) -> str | None:
+    """Why a JSON file is not a LabelMe file, in a few words, or None when it may be one. COCO
+    instance files (often beside LabelMe folders: train.json, instances_val.json) and JSON that
+    is no object with "shapes" or "imagePath" are recognised; a broken LabelMe file is not
+    skipped here, so that loading it names its problem."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None  # load_labelme_file says what is wrong with it
+    if isinstance(data, dict) and {"images", "annotations"} <= data.keys():
+        return "a COCO instances file (images, annotations, categories), not a LabelMe file"
+    if isinstance(data, dict) and not {"shapes", "imagePath", "imageData"} & data.keys():
+        return f"a JSON object without LabelMe's \"shapes\" or \"imagePath\" (keys: {', '.join(sorted(data)[:5])})"
+    if not isinstance(data, dict):
+        return f"a JSON {type(data).__name__}, not a LabelMe file (a LabelMe file is one object)"
+    return None
+
+
+def _load_folder(folder: Path) -> tuple[list[LabelMeSample], list[LabelMeError], int, list[str], dict[str, int]]:
     if not folder.is_dir():
         raise LabelMeError(f"LabelMe folder {folder} does not exist or is not a folder; check the path.")
-    json_paths = sorted(p for p in folder.iterdir() if p.suffix.lower() == ".json" and p.is_file())
-    if not json_paths:
-        raise LabelMeError(
-            f"no .json files in {folder}: LabelMe saves one JSON file beside each image; point to "
-            "the folder that holds them."
-        )
     samples: list[LabelMeSample] = []
     errors: list[LabelMeError] = []
+    skipped: list[str] = []
+    folders: dict[str, int] = {}
+    json_paths = _json_files(folder)
     for json_path in json_paths:
+        relative = json_path.relative_to(folder)
+        reason = not_labelme_reason(json_path)
+        if reason is not None:
+            skipped.append(f"{_printable(relative)}: {reason}; skipped")
+            continue
         try:
-            samples.append(load_labelme_file(json_path))
+            sample = load_labelme_file(json_path)
         except LabelMeError as error:
             errors.append(error)
+            continue
         except (RecursionError, MemoryError, OSError, ValueError) as error:  # never out of a QA pass
             errors.append(LabelMeError(f"{_printable(json_path)}: cannot be loaded ({type(error).__name__}: "
                                        f"{error}).", json_path=json_path))
-    return samples, errors, len(json_paths)
+            continue
+        sample.key = relative.with_suffix("").as_posix()
+        samples.append(sample)
+        where = relative.parent.as_posix()
+        folders[where] = folders.get(where, 0) + 1
+    if not samples and not errors:
+        more = f" ({len(skipped)} other JSON file(s): {'; '.join(skipped[:2])})" if skipped else ""
+        raise LabelMeError(
+            f"no .json files from LabelMe in {folder} or its subfolders{more}: LabelMe saves one JSON file "
+            "beside each image; point to the folder that holds them."
+        )
+    return samples, errors, len(json_paths) - len(skipped), skipped, folders
 
 
 def label_spelling_warnings(samples: Sequence[LabelMeSample],

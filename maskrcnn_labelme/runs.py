@@ -14,7 +14,7 @@ import re
 from pathlib import Path
 
 __all__ = [
-    "BEST_MODEL_NAME", "CHECKPOINT_NAME", "DATA_DIR_ENV", "LAST_RUN_NAME", "MANIFEST_NAME",
+    "BEST_MODEL_NAME", "CHECKPOINT_NAME", "DATA_DIR_ENV", "LAST_RUN_NAME", "LAST_SMOKE_RUN_NAME", "MANIFEST_NAME",
     "METRICS_NAME", "MODEL_SETTINGS_NAME", "PROJECT_ROOT", "RUNS_DIR", "RUNS_DIR_ENV", "SMOKE_ENV",
     "TEST_METRICS_NAME", "TRAIN_SETTINGS_NAME", "default_run_dir", "latest_run_dir",
     "remember_run_dir", "show_path", "smoke_profile",
@@ -36,7 +36,8 @@ BEST_MODEL_NAME = "best_model.pt"            # 04: the weights with the best val
 METRICS_NAME = "metrics.csv"                 # 04: one row per epoch
 TEST_METRICS_NAME = "test_metrics.json"      # 04: the best checkpoint on the test split
 TRAIN_SETTINGS_NAME = "train_settings.json"  # 04: the settings training ran with
-LAST_RUN_NAME = "last_run.txt"               # 01: in runs/, the run folder 02-06 use
+LAST_RUN_NAME = "last_run.txt"               # 01: in runs/, the run folder 02-07 use
+LAST_SMOKE_RUN_NAME = "last_smoke_run.txt"   # 01: the same, for the smoke profile
 
 
 def smoke_profile() -> bool:
@@ -50,32 +51,36 @@ def smoke_profile() -> bool:
 def default_run_dir(smoke: bool, data_dir: os.PathLike | str | None = None) -> Path:
     """The run folder for a dataset: its artifacts never mix with another dataset's.
 
-    The smoke profile uses ``runs/smoke``; the student-ID dataset (``data_dir`` None)
-    ``runs/student-id``; your own LabelMe folder ``runs/<folder name>-<6 hex digits of its full
-    path>``, so two folders with the same name get two run folders.
+    The student-ID dataset (``data_dir`` None) uses ``runs/student-id``, and ``runs/smoke`` in the
+    smoke profile; your own LabelMe folder ``runs/<folder name>-<6 hex digits of its full path>``
+    (``runs/smoke-<...>`` in the smoke profile), so two folders with the same name get two run
+    folders, and a smoke run on your folder never replaces the embedded sample's.
     """
-    if smoke:
-        return RUNS_DIR / "smoke"
     if not data_dir:
-        return RUNS_DIR / "student-id"
+        return RUNS_DIR / ("smoke" if smoke else "student-id")
     folder = Path(data_dir).expanduser().resolve()
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", folder.name).strip("._") or "data"
-    return RUNS_DIR / f"{name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:6]}"
+    return RUNS_DIR / f"{'smoke-' if smoke else ''}{name}-{hashlib.sha256(str(folder).encode()).hexdigest()[:6]}"
+
+
+def _pointer(smoke: bool) -> Path:
+    return RUNS_DIR / (LAST_SMOKE_RUN_NAME if smoke else LAST_RUN_NAME)
 
 
 def remember_run_dir(run_dir: os.PathLike | str, smoke: bool) -> None:
-    """Note `run_dir` as the one notebooks 02-06 use (notebook 01 calls this after the split)."""
+    """Note `run_dir` as the one notebooks 02-07 use (notebook 01 calls this after the split);
+    each profile keeps its own note."""
     from .checkpoints import write_text_atomic  # (checkpoints imports this module)
 
-    if not smoke:
-        write_text_atomic(RUNS_DIR / LAST_RUN_NAME, f"{Path(run_dir).resolve()}\n")
+    write_text_atomic(_pointer(smoke), f"{Path(run_dir).resolve()}\n")
 
 
 def latest_run_dir(smoke: bool) -> Path:
-    """The run folder notebook 01 last wrote (``runs/last_run.txt``), else the default one."""
-    pointer = RUNS_DIR / LAST_RUN_NAME
-    if smoke or not pointer.is_file():
-        return default_run_dir(smoke)
+    """The run folder notebook 01 last wrote in this profile (``runs/last_run.txt``, or
+    ``runs/last_smoke_run.txt``), else the default one."""
+    pointer = _pointer(smoke)
+    if not pointer.is_file():
+        return default_run_dir(smoke, os.environ.get(DATA_DIR_ENV) if smoke else None)
     return Path(pointer.read_text(encoding="utf-8").strip())
 
 

@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 
 from . import labelme
 
-__all__ = ["missing_classes", "split_by_class", "split_stems"]
+__all__ = ["SPLIT_FOLDERS", "folder_splits", "missing_classes", "split_by_class", "split_stems"]
 
 
 def split_stems(
@@ -53,7 +53,7 @@ def split_by_class(samples: Sequence[labelme.LabelMeSample], fractions: Mapping[
     same samples, fractions and seed give the same split. ``missing_classes`` says what is still
     missing where (with three photos and six classes, one photo per split cannot hold them all).
     """
-    labels = {sample.stem: frozenset(i.label for i in sample.instances) for sample in samples}
+    labels = {sample.key: frozenset(i.label for i in sample.instances) for sample in samples}
     splits = split_stems(list(labels), fractions, seed)
     names = list(splits)
     where = {stem: name for name, stems in splits.items() for stem in stems}
@@ -102,9 +102,39 @@ def missing_classes(splits: Mapping[str, Sequence[str]], samples: Sequence[label
     A class missing from training cannot be learnt; one missing from validation or test cannot be
     measured. ``split_by_class`` keeps this as short as the data allows.
     """
-    labels = {sample.stem: {i.label for i in sample.instances} for sample in samples}
+    labels = {sample.key: {i.label for i in sample.instances} for sample in samples}
     everything = set().union(*labels.values()) if labels else set()
     missing = {name: sorted(everything - set().union(*(labels[stem] for stem in stems)))
                for name, stems in splits.items()}
     return {name: lacking for name, lacking in missing.items() if lacking}
 
+
+
+# Folder names that say which split their files belong to (case does not matter)
+SPLIT_FOLDERS = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+                 "dev": "val", "test": "test", "testing": "test"}
+
+
+def folder_splits(samples: Sequence[labelme.LabelMeSample], fractions: Mapping[str, float], seed: int
+                  ) -> tuple[dict[str, list[str]], list[str]] | None:
+    """The split the data folder already has, when every file sits in (a folder below) a folder
+    named as a split: train/, val/ (or valid/, validation/), test/. A split the folders lack is
+    carved from the training files, as ``split_by_class`` would, in the proportions of
+    `fractions`; the test split stays exactly the user's. Returns (splits, names of the carved
+    splits), or None when the folders do not name the splits."""
+    where: dict[str, str] = {}
+    for sample in samples:
+        parts = sample.key.split("/")
+        split = SPLIT_FOLDERS.get(parts[0].lower()) if len(parts) > 1 else None
+        if split is None:
+            return None
+        where[sample.key] = split
+    given = {name: sorted(k for k, s in where.items() if s == name) for name in ("train", "val", "test")}
+    if not given["train"]:
+        return None
+    carved = [name for name in ("val", "test") if not given[name]]
+    if carved:
+        train = [s for s in samples if where[s.key] == "train"]
+        parts = split_by_class(train, {"train": fractions["train"], **{n: fractions[n] for n in carved}}, seed)
+        given.update(parts)
+    return given, carved

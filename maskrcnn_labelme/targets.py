@@ -72,7 +72,9 @@ def labelme_item(sample: LabelMeSample, labels: Sequence[int], max_side: int | N
     The image is decoded upright (longest side at most ``max_side``), every instance's shapes are
     drawn as one boolean mask at the image's size, and ``make_target`` computes the boxes from
     those masks. ``labels`` holds the class index of each instance of ``sample``. The image stays
-    a PIL image: torchvision's v2 transforms then use Pillow's fast kernels for colour work.
+    a PIL image, the input torchvision's v2 transforms take; ``LabelMeDataset`` uses this pair
+    when it is given such transforms (or none), while the training recipe of notebook 03 plans,
+    crops and draws the masks at their final size itself.
     """
     image = sample.load_image(max_side)
     width, height = image.size

@@ -124,7 +124,8 @@ def train(settings: TrainSettings, options: dict[str, Any], ctx: distributed.Con
     run_dir, smoke = Path(options["run_dir"]).expanduser(), runs.smoke_profile()
     if ctx.main:  # (should it fail, torchrun stops the processes waiting at the barrier)
         prepare_run_folder(settings, options, smoke=smoke)
-        runs.remember_run_dir(run_dir, smoke)  # where notebooks 05 and 06 look
+        if not smoke:  # (a smoke run of the command, as the tests make, leaves the notebooks' note alone)
+            runs.remember_run_dir(run_dir, smoke)  # where notebooks 05 and 06 look
     distributed.barrier()
     manifest, model_settings = prepare_run_folder(settings, options, smoke=smoke, write=False)  # every process
     settings = settings.resolve(ctx.device.type, smoke=smoke, model_settings=model_settings,

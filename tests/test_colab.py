@@ -224,7 +224,9 @@ def test_requirements_colab_holds_only_what_the_notebooks_import_and_colab_lacks
 
 
 def readme_commands() -> list[list[str]]:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    """The tasks.py commands of the README and of the docs/ pages it links to."""
+    readme = "\n".join(path.read_text(encoding="utf-8")
+                       for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     commands = re.findall(r"(?:python3|py) tasks\.py ([^`\n#]*)", readme)
     return [command.split() for command in commands]
 

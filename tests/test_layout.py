@@ -90,7 +90,7 @@ def test_every_figure_the_readme_and_notebooks_show_exists():
     import re
 
     shown = []
-    for path in [ROOT / "README.md", *sorted((ROOT / "notebooks").glob("*.ipynb"))]:
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "notebooks").glob("*.ipynb"))]:
         text = path.read_text(encoding="utf-8")
         shown += [(path.name, name) for name in re.findall(r"\(\.{0,2}/?images/([\w.-]+\.(?:png|jpg))\)", text)]
     assert {name for _, name in shown} >= {"predictions.jpg", "training_curves.png"}
@@ -99,3 +99,17 @@ def test_every_figure_the_readme_and_notebooks_show_exists():
     assert (ROOT / "images" / "about.md").is_file()
     big = [p.name for p in (ROOT / "images").iterdir() if p.stat().st_size > 400_000]
     assert not big, f"figures over 400 kB: {big}"
+
+
+def test_the_readme_is_a_first_page_and_its_links_lead_somewhere():
+    """The README is what a newcomer reads first: short, with the details one click away in docs/.
+    Every relative link of it and of the docs pages names a file of the project."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme) < 12_000, len(readme)
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)\)", path.read_text(encoding="utf-8")):
+            if "://" in target:
+                continue
+            assert (path.parent / target).exists(), (path.name, target)

@@ -49,3 +49,12 @@ def test_stored_outputs_are_complete_and_clean(path):
     assert counts == list(range(1, len(cells) + 1)), "run top to bottom in a fresh kernel"
     errors = [o for c in cells for o in c["outputs"] if o["output_type"] == "error"]
     assert not errors
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_test_machinery_is_a_cell_tag_not_a_comment_in_the_learner_s_view(path):
+    """nbval's markers live in the cell's metadata (tags), where a learner does not read them."""
+    cells = code_cells(path)
+    assert not [source(c)[:60] for c in cells if re.search(r"#\s*NBVAL_", source(c))]
+    tags = {tag for c in cells for tag in c.get("metadata", {}).get("tags", [])}
+    assert tags <= {"nbval-ignore-output", "nbval-skip", "nbval-raises-exception"}, tags

@@ -167,7 +167,9 @@ def test_each_data_folder_gets_its_own_run_folder(tmp_path, monkeypatch):
     first, second = (runs.default_run_dir(False, tmp_path / p / "cards") for p in "ab")
     assert first != second and first.name.startswith("cards-") and second.name.startswith("cards-")
     assert runs.default_run_dir(False) == tmp_path / "runs" / "student-id"
-    assert runs.default_run_dir(True, tmp_path / "a" / "cards") == tmp_path / "runs" / "smoke"
+    assert runs.default_run_dir(True) == tmp_path / "runs" / "smoke"  # the embedded sample
+    smoke_cards = runs.default_run_dir(True, tmp_path / "a" / "cards")  # keyed to the data here too
+    assert smoke_cards.name.startswith("smoke-cards-") and smoke_cards.name[6:] == first.name
     # notebook 01 notes the folder; notebooks 02-06 then find it
     assert runs.latest_run_dir(False) == tmp_path / "runs" / "student-id"
     runs.remember_run_dir(first, smoke=False)

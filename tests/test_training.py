@@ -132,3 +132,17 @@ def test_validation_loss_leaves_batchnorm_statistics_alone(sample_split):
         for images, targets in val_loader:
             model(list(images), list(targets))  # what a naive validation loop does
     assert not all(torch.equal(a, b) for a, b in zip(before, running_means()))
+
+
+def test_a_slimmed_finished_run_stays_finished(sample_split, tmp_path, capsys):
+    """KEEP_RESUME_CHECKPOINT = False in notebook 04: the 550 MB resume file goes, the run stays
+    complete (running the notebook again trains nothing and keeps best_model.pt)."""
+    tiny_fit(sample_split, tmp_path, epochs=1)
+    best = (tmp_path / runs.BEST_MODEL_NAME).read_bytes()
+    assert checkpoints.slim_finished_run(tmp_path) > 0
+    assert checkpoints.slim_finished_run(tmp_path) == 0  # already slim
+    _, history = tiny_fit(sample_split, tmp_path, epochs=1)
+    assert len(history) == 1 and "finished run (1 of 1 epochs)" in capsys.readouterr().out
+    assert (tmp_path / runs.BEST_MODEL_NAME).read_bytes() == best
+    with pytest.raises(ValueError, match="epochs: 1 in the checkpoint, 2 now"):
+        tiny_fit(sample_split, tmp_path, epochs=2)
