@@ -1,5 +1,5 @@
 """CPU inference of a trained model, the part of the benchmark behind `--parts infer`: every
-inference path of notebook 06 timed side by side and scored on the test split, the peak memory of
+inference path of notebook 08 timed side by side and scored on the test split, the peak memory of
 predict on a large photo, and the figure images/cpu_inference.png. run.py calls these."""
 from __future__ import annotations
 

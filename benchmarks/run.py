@@ -22,7 +22,7 @@ reference tutorial's pipeline; see ../shared/notes/seed-tutorial.md):
   (does the pipeline starve the GPU?);
 - inference latency for one 640x480 photo on the CPU, eager PyTorch, random weights (both);
 - CPU inference with a trained checkpoint (this project only; part "infer"): eager PyTorch with
-  torchvision's 1000 proposals against the faster paths of notebook 06 (fewer proposals chosen on
+  torchvision's 1000 proposals against the faster paths of notebook 08 (fewer proposals chosen on
   the validation split, channels-last, ONNX Runtime, an int8 backbone), on the test photos at
   their own size, each with its detections, test-split mask AP and time per stage;
 - peak memory (RSS) of inference.predict on a 6000x4000 JPEG photo on the CPU (this project only;

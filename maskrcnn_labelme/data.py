@@ -1,7 +1,7 @@
 """The splits' datasets and loaders, built in one place, and training randomness that depends on
 (seed, epoch) alone.
 
-``split_loaders`` is what notebook 04, notebook 06, the ``train`` command and every process under
+``split_loaders`` is what notebook 04, notebook 08, the ``train`` command and every process under
 torchrun use to turn the manifest into DataLoaders. The training loader's order *and* each
 photo's augmentation are drawn from (seed, epoch, photo): ``EpochSampler`` hands each DataLoader
 worker the photo's index together with its own seed, so the draws do not depend on which worker

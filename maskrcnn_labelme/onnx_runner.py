@@ -108,7 +108,7 @@ def quantize_backbone(fp32_path: os.PathLike | str, int8_path: os.PathLike | str
     Weights get one scale per output channel. Only the ResNet body is quantized; the FPN, the RPN
     and the heads, where boxes and mask edges are decided, stay float32. The file keeps float
     inputs and outputs, so it drops in for the float32 one; check its accuracy before using it
-    (notebook 06 compares COCO mask AP on the test split).
+    (notebook 08 compares COCO mask AP on the validation split).
     """
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, quant_pre_process, quantize_static)

@@ -1,4 +1,4 @@
-"""Faster CPU inference (notebook 06, benchmarks/run.py): fewer proposals, the ONNX Runtime
+"""Faster CPU inference (notebook 08, benchmarks/run.py): fewer proposals, the ONNX Runtime
 runner, int8 quantization of the backbone, the time per stage, and decoding ahead."""
 from __future__ import annotations
 

@@ -1,0 +1,170 @@
+"""Training on a CPU, measured: where one step of notebook 04 spends its time, and what each lever
+would save, side by side in one process.
+
+    python benchmarks/train_cpu.py [--data DIR] [--steps 6] [--size 512] [--batch 4]
+
+Every variant starts from the same weights and trains on the same preloaded batches (the training
+recipe's photos, notebook 04's CPU settings: 512 px, batch 4); step i of every variant runs before
+step i + 1 of any, so a busy moment of the machine falls on all of them alike. The first step of
+each is a warm-up and is not counted. Speed only: whether a lever keeps the validation mask AP
+needs full training runs (two seeds each, for the noise), which this script does not make.
+Results go to benchmarks/results-cpu-training.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from cpu_inference import CLASSES  # noqa: E402
+
+
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), read from the CPU's
+    own flags; False where they cannot be read. Emulated bfloat16 is slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+VARIANTS = {
+    # name: (regions sampled per image for the box head, RPN proposals kept in training, bf16, channels-last)
+    "notebook 04 today (512 regions, 2000 proposals)": (512, 2000, False, False),
+    "128 regions per image": (128, 2000, False, False),
+    "128 regions, 1000 proposals": (128, 1000, False, False),
+    "128 regions, 1000 proposals, channels-last": (128, 1000, False, True),
+    "128 regions, 1000 proposals, bfloat16": (128, 1000, True, False),
+}
+
+
+class StageTimer:
+    """Wall time of the model's stages in a training step, from forward hooks (a stage's time
+    runs from its pre-hook to its hook); backward and optimizer step are timed around the calls."""
+
+    def __init__(self, model):
+        self.seconds: dict[str, float] = {}
+        self.handles = []
+        stages = {"backbone + FPN": model.backbone, "RPN": model.rpn, "box head": model.roi_heads.box_head,
+                  "box predictor": model.roi_heads.box_predictor, "mask head": model.roi_heads.mask_head,
+                  "mask predictor": model.roi_heads.mask_predictor}
+        for name, module in stages.items():
+            self.handles.append(module.register_forward_pre_hook(self._start(name)))
+            self.handles.append(module.register_forward_hook(self._stop(name)))
+        self.started: dict[str, float] = {}
+
+    def _start(self, name):
+        def hook(module, args):
+            self.started[name] = time.perf_counter()
+        return hook
+
+    def _stop(self, name):
+        def hook(module, args, output):
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self.started.pop(name)
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def main() -> int:
+    import torch
+
+    import windows_utils
+    from maskrcnn_labelme import engine, labelme, models
+    from run import find_dataset
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", default=None)
+    parser.add_argument("--steps", type=int, default=6, help="steps timed per variant, after one warm-up")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-cpu-training.json"))
+    args = parser.parse_args()
+
+    native = cpu_bf16_native()
+    folder = find_dataset(args.data)
+    samples = labelme.load_labelme_folder(folder, on_error="skip")
+    dataset = windows_utils.make_dataset(samples, CLASSES, train=True, image_size=args.size)
+    torch.manual_seed(0)
+    started = time.perf_counter()
+    batches = []
+    for b in range(args.steps + 1):
+        items = [dataset[(b * args.batch + k) % len(dataset)] for k in range(args.batch)]
+        batches.append(tuple(zip(*items)))
+    decode_s = (time.perf_counter() - started) / ((args.steps + 1) * args.batch)
+    torch.manual_seed(0)
+    base = models.build_model(len(CLASSES), image_size=args.size, pretrained=False)
+    runs = {}
+    for name, (regions, proposals, bf16, channels_last) in VARIANTS.items():
+        if bf16 and not native:
+            print(f"skipped: {name} (this CPU has no native bfloat16; emulated it would be slower)")
+            continue
+        model = copy.deepcopy(base).train()
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = regions
+        model.rpn._post_nms_top_n["training"] = proposals
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer, scheduler = engine.make_optimizer(model, 5e-4, total_steps=10 * (args.steps + 1))
+        runs[name] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "bf16": bf16,
+                      "times": [], "stages": {}}
+
+    for step, (images, targets) in enumerate(batches):
+        for name, run in runs.items():
+            torch.manual_seed(step)  # the same anchor and region sampling draws for every variant
+            timer = StageTimer(run["model"]) if step > 0 else None
+            context = torch.autocast("cpu", dtype=torch.bfloat16) if run["bf16"] else contextlib.nullcontext()
+            begin = time.perf_counter()
+            with context:
+                losses = run["model"](list(images), list(targets))
+            loss = sum(losses.values())
+            forward_done = time.perf_counter()
+            run["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            backward_done = time.perf_counter()
+            run["optimizer"].step()
+            run["scheduler"].step()
+            end = time.perf_counter()
+            if timer is not None:
+                timer.close()
+                stages = {**timer.seconds, "other forward": (forward_done - begin) - sum(timer.seconds.values()),
+                          "backward": backward_done - forward_done, "optimizer": end - backward_done}
+                for part, seconds in stages.items():
+                    run["stages"][part] = run["stages"].get(part, 0.0) + seconds
+                run["times"].append(end - begin)
+        print(f"step {step + 1} of {len(batches)} done", flush=True)
+
+    baseline = statistics.median(next(iter(runs.values()))["times"])
+    results = {"machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads",
+               "torch": torch.__version__, "bf16_native": native, "photos": str(folder), "size": args.size,
+               "batch": args.batch, "steps_timed": args.steps, "decode_and_augment_s_per_photo": decode_s,
+               "variants": {}}
+    print(f"\n{'variant':<48} {'s/step':>7} {'images/s':>9} {'ratio':>6}")
+    for name, run in runs.items():
+        median = statistics.median(run["times"])
+        stages = {part: seconds / len(run["times"]) for part, seconds in run["stages"].items()}
+        results["variants"][name] = {"s_per_step": median, "images_per_s": args.batch / median,
+                                     "ratio": baseline / median, "stages_s": stages}
+        print(f"{name:<48} {median:7.2f} {args.batch / median:9.2f} {baseline / median:5.2f}x")
+    for name in (next(iter(runs)), list(runs)[-1]):
+        stages = results["variants"][name]["stages_s"]
+        print(f"\n{name}: " + ", ".join(f"{part} {1000 * s:.0f} ms" for part, s in stages.items()))
+    print(f"decoding and augmenting: {1000 * decode_s:.0f} ms per photo (in DataLoader workers during training)")
+    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    print("written to", Path(args.output).relative_to(ROOT))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
