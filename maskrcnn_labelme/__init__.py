@@ -20,7 +20,7 @@ One module per responsibility, in the order the notebooks need them:
 - ``coco_eval``  COCO box and mask AP with pycocotools (04)
 - ``inference``  predictions on photos, LabelMe files from predictions (05)
 - ``export``     ONNX export and the parity check against PyTorch (06, 08)
-- ``artifacts``  the manifest and model settings: read, and rebuilt when missing (02-07)
+- ``artifacts``  the manifest and model settings: read, and rebuilt when missing (02-08)
 - ``train``      notebook 04 as a command, on one process or many under torchrun
 - ``distributed`` process group, sampler and gathering for DistributedDataParallel
 - ``kit``        the offline classroom kit

@@ -36,7 +36,7 @@ BEST_MODEL_NAME = "best_model.pt"            # 04: the weights with the best val
 METRICS_NAME = "metrics.csv"                 # 04: one row per epoch
 TEST_METRICS_NAME = "test_metrics.json"      # 04: the best checkpoint on the test split
 TRAIN_SETTINGS_NAME = "train_settings.json"  # 04: the settings training ran with
-LAST_RUN_NAME = "last_run.txt"               # 01: in runs/, the run folder 02-07 use
+LAST_RUN_NAME = "last_run.txt"               # 01: in runs/, the run folder 02-08 use
 LAST_SMOKE_RUN_NAME = "last_smoke_run.txt"   # 01: the same, for the smoke profile
 
 
@@ -68,7 +68,7 @@ def _pointer(smoke: bool) -> Path:
 
 
 def remember_run_dir(run_dir: os.PathLike | str, smoke: bool) -> None:
-    """Note `run_dir` as the one notebooks 02-07 use (notebook 01 calls this after the split);
+    """Note `run_dir` as the one notebooks 02-08 use (notebook 01 calls this after the split);
     each profile keeps its own note."""
     from .checkpoints import write_text_atomic  # (checkpoints imports this module)
 
