@@ -28,18 +28,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from cpu_inference import CLASSES  # noqa: E402
 
 
-def cpu_bf16_native() -> bool:
-    """Whether this CPU computes bfloat16 in hardware (AVX512-BF16 or AMX), read from the CPU's
-    own flags; False where they cannot be read. Emulated bfloat16 is slower than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 VARIANTS = {
-    # name: (regions sampled per image for the box head, RPN proposals kept in training, bf16, channels-last)
+    # name: (box_regions, train_proposals (notebook 04's settings), bf16, channels-last)
     "notebook 04 today (512 regions, 2000 proposals)": (512, 2000, False, False),
     "128 regions per image": (128, 2000, False, False),
     "128 regions, 1000 proposals": (128, 1000, False, False),
@@ -82,7 +72,7 @@ def main() -> int:
     import torch
 
     import windows_utils
-    from maskrcnn_labelme import engine, labelme, models
+    from maskrcnn_labelme import devices, engine, labelme, models
     from run import find_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -93,7 +83,7 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-cpu-training.json"))
     args = parser.parse_args()
 
-    native = cpu_bf16_native()
+    native = devices.cpu_bf16_native()
     folder = find_dataset(args.data)
     samples = labelme.load_labelme_folder(folder, on_error="skip")
     dataset = windows_utils.make_dataset(samples, CLASSES, train=True, image_size=args.size)
@@ -112,8 +102,7 @@ def main() -> int:
             print(f"skipped: {name} (this CPU has no native bfloat16; emulated it would be slower)")
             continue
         model = copy.deepcopy(base).train()
-        model.roi_heads.fg_bg_sampler.batch_size_per_image = regions
-        model.rpn._post_nms_top_n["training"] = proposals
+        models.set_training_regions(model, box_regions=regions, train_proposals=proposals)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = engine.make_optimizer(model, 5e-4, total_steps=10 * (args.steps + 1))

@@ -20,7 +20,7 @@ from . import data, distributed
 from .checkpoints import Checkpointer, load_checkpoint, load_model_state, write_json_atomic
 from .coco_eval import evaluate_coco
 from .devices import autocast, grad_scaler
-from .models import prepare_for_training
+from .models import prepare_for_training, set_training_regions
 from .runs import BEST_MODEL_NAME, TEST_METRICS_NAME
 
 __all__ = ["TrainingDiverged", "fit", "make_optimizer", "score_on_test", "to_device", "train_step", "validation_loss"]
@@ -43,13 +43,14 @@ def make_optimizer(model: torch.nn.Module, lr: float, total_steps: int):
     return optimizer, scheduler
 
 
-def train_step(model, images, targets, optimizer, scheduler, scaler=None) -> dict[str, float]:
+def train_step(model, images, targets, optimizer, scheduler, scaler=None, cpu_bf16=False) -> dict[str, float]:
     """One optimisation step on a batch; returns the total loss and each of its parts.
 
     In training mode, Mask R-CNN takes images and targets and returns a dict of losses (RPN
     objectness and box regression, classification, box regression, mask), which are summed.
+    The forward pass runs in mixed precision where the device computes it (``devices.autocast``).
     """
-    with autocast(images[0].device):
+    with autocast(images[0].device, cpu_bf16):
         losses = model(images, targets)
     loss = sum(losses.values())
     if not torch.isfinite(loss):  # stop before the optimizer applies it
@@ -117,6 +118,7 @@ def fit(model, loaders, settings, *, run_dir, device, class_names, stop_after=No
     with Checkpointer(run_dir, settings, [loaders["train"].dataset, loaders["val"].dataset],
                       class_names, device) as checkpointer:
         prepare_for_training(model, device)  # channels-last on CUDA
+        set_training_regions(model, settings.box_regions, settings.train_proposals)
         steps = settings.epochs * len(loaders["train"])
         optimizer, scheduler = make_optimizer(model, settings.lr, total_steps=steps)
         scaler = grad_scaler(device)  # float16 GPUs only, else None
@@ -132,7 +134,7 @@ def fit(model, loaders, settings, *, run_dir, device, class_names, stop_after=No
             for images, targets in tqdm(loaders["train"], desc=f"epoch {epoch + 1} of {settings.epochs}",
                                         leave=False, disable=not progress):
                 images, targets = to_device(images, targets, device)
-                losses = train_step(trainer, images, targets, optimizer, scheduler, scaler)
+                losses = train_step(trainer, images, targets, optimizer, scheduler, scaler, settings.cpu_bf16)
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + value
             distributed.sync_buffers(model)  # every process evaluates the model rank 0 saves

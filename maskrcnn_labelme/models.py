@@ -13,7 +13,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNPredictor
 
 __all__ = [
     "COCO_WEIGHTS_URL", "TRAINABLE_BACKBONE_LAYERS", "WeightsError", "build_model", "coco_weights_file",
-    "load_coco_weights", "load_maskrcnn", "prepare_for_training", "replace_heads",
+    "load_coco_weights", "load_maskrcnn", "prepare_for_training", "replace_heads", "set_training_regions",
 ]
 
 
@@ -150,3 +150,15 @@ def prepare_for_training(model: torch.nn.Module, device: torch.device) -> torch.
     if device.type == "cuda":
         return model.to(device, memory_format=torch.channels_last)
     return model.to(device)
+
+
+def set_training_regions(model: torch.nn.Module, box_regions: int, train_proposals: int) -> torch.nn.Module:
+    """How many regions the heads learn from per photo in training: `train_proposals` region
+    proposals kept after the RPN's non-maximum suppression, of which `box_regions` are sampled
+    (objects first, at most a quarter of them) to train the box head. torchvision's defaults are
+    2000 and 512; the box head's work, forward and backward, grows with `box_regions`.
+    Prediction is untouched (its proposal count is ``inference.set_proposals``).
+    """
+    model.rpn._post_nms_top_n["training"] = train_proposals
+    model.roi_heads.fg_bg_sampler.batch_size_per_image = box_regions
+    return model

@@ -60,6 +60,12 @@ class TrainSettings:
                                             "(all, smoke 4)")
     eval_every: int = _field(1, "COCO evaluation every N epochs, and after the last")
     seed: int = _field(1234, "seed of the model's new heads, the data order and the augmentations")
+    box_regions: int = _field(512, "regions sampled per photo to train the box head, a quarter of them "
+                                   "objects at most (torchvision's default 512)")
+    train_proposals: int = _field(2000, "region proposals the RPN keeps per photo in training, after "
+                                        "non-maximum suppression (torchvision's default 2000)")
+    cpu_bf16: bool = _field(False, "bfloat16 forward pass when training on a CPU that computes it natively "
+                                    "(AVX512-BF16, AMX, Arm BF16); float32 on any other CPU")
     sync_batchnorm: bool = _field(False, "SyncBatchNorm over the global batch (CUDA, several processes)")
     workers: int | None = _field(None, "DataLoader worker processes per training process (half the cores, "
                                        "at most 4)", run=False)
@@ -87,7 +93,8 @@ class TrainSettings:
             if not ok:
                 problems.append(f"{spec.name} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
         if not problems:
-            for name in ("epochs", "batch_size", "image_size", "train_images", "eval_every"):
+            for name in ("epochs", "batch_size", "image_size", "train_images", "eval_every", "box_regions",
+                         "train_proposals"):
                 value = getattr(self, name)
                 if value is not None and value < 1:
                     problems.append(f"{name} must be at least 1, got {value}")

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import artifacts, checkpoints, data, distributed, engine, labelme, models, runs
+from . import artifacts, checkpoints, data, devices, distributed, engine, labelme, models, runs
 from .settings import TrainSettings
 
 __all__ = ["COMMAND_OPTIONS", "main", "parse_settings", "prepare_run_folder", "train"]
@@ -140,6 +140,7 @@ def train(settings: TrainSettings, options: dict[str, Any], ctx: distributed.Con
         print(f"{ctx.world_size} process(es) on {ctx.device.type}, batch {settings.batch_size} per process = "
               f"{settings.batch_size * ctx.world_size} per step, peak lr {settings.lr:g} (as given), "
               f"{settings.image_size} px, {settings.epochs} epochs")
+        print(devices.precision_summary(ctx.device, settings.cpu_bf16))
 
     torch.manual_seed(settings.seed)  # the new heads' initial weights, as notebook 04
     model = None

@@ -25,16 +25,16 @@ def samples():
     return labelme.load_labelme_folder(download.SAMPLE_DIR)
 
 
-def one_epoch(samples, run_dir, *, lr=1e-4, classes=CLASSES, train=slice(0, 2)):
+def one_epoch(samples, run_dir, *, lr=1e-4, classes=CLASSES, train=slice(0, 2), model=None, **settings):
     torch.manual_seed(0)
-    model = models.build_model(len(classes), image_size=96, pretrained=False)
+    model = model or models.build_model(len(classes), image_size=96, pretrained=False)
     make = windows_utils.make_dataset
     train_loader = windows_utils.make_loader(make(samples[train], classes, train=True, image_size=96),
                                              batch_size=2, train=True, device=CPU, workers=0)
     val_loader = windows_utils.make_loader(make(samples[2:3], classes, train=False, image_size=96),
                                            batch_size=1, train=False, device=CPU, workers=0)
     return engine.fit(model, {"train": train_loader, "val": val_loader},
-                      TrainSettings(epochs=1, lr=lr, image_size=96, progress=False), run_dir=run_dir, device=CPU,
+                      TrainSettings(epochs=1, lr=lr, image_size=96, progress=False, **settings), run_dir=run_dir, device=CPU,
                       class_names=classes)
 
 
@@ -230,3 +230,19 @@ def test_weights_that_are_no_longer_finite_are_never_saved(samples, tmp_path, mo
     with pytest.raises(engine.TrainingDiverged, match="no longer finite"):
         one_epoch(samples, tmp_path)
     assert not (tmp_path / runs.CHECKPOINT_NAME).exists() and not (tmp_path / runs.BEST_MODEL_NAME).exists()
+
+
+def test_the_regions_the_heads_learn_from_are_settings(samples, tmp_path):
+    """box_regions and train_proposals reach the model that fit trains: the box head sees
+    box_regions rows per photo in each training step (the RPN keeps more than that here)."""
+    torch.manual_seed(0)
+    model = models.build_model(len(CLASSES), image_size=96, pretrained=False)
+    rows = []
+    head = model.roi_heads.box_head
+    head.register_forward_pre_hook(lambda module, args: rows.append((module.training, args[0].shape[0])))
+    one_epoch(samples, tmp_path, model=model, box_regions=8, train_proposals=40)
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 8
+    assert model.rpn._post_nms_top_n["training"] == 40
+    assert [n for training, n in rows if training][:1] == [2 * 8]  # the first step: 2 photos x 8 regions
+    with pytest.raises(ValueError, match="box_regions must be at least 1"):
+        TrainSettings(box_regions=0)

@@ -114,3 +114,44 @@ def test_a_shown_definition_is_used_by_its_notebook(notebook, module_file, name,
     code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
     uses = len(re.findall(rf"(?<![\w.]){name}\(", code)) - len(re.findall(rf"\bdef {name}\(", code))
     assert uses > 0, f"notebooks/{notebook}.ipynb shows {name} but never calls it"
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    """Every name a piece of code binds anywhere: imports, definitions, assignment targets."""
+    bound = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            bound |= {(alias.asname or alias.name).split(".")[0] for alias in node.names}
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, (ast.Store, ast.Del)):
+            bound.add(node.id)
+        elif isinstance(node, ast.arg):
+            bound.add(node.arg)
+        elif isinstance(node, ast.ExceptHandler) and node.name:
+            bound.add(node.name)
+    return bound
+
+
+@pytest.mark.parametrize("notebook, module_file, name, node", SHOWN,
+                         ids=[f"{nb}:{name}" for nb, _, name, _ in SHOWN])
+def test_every_name_a_shown_definition_needs_is_defined_in_its_notebook(notebook, module_file, name, node):
+    """``tasks.py sync`` copies definitions, not the imports around them: a name the package's
+    definition uses that the notebook never imports would fail only when the cell runs."""
+    import builtins
+
+    cells = json.loads((ROOT / "notebooks" / f"{notebook}.ipynb").read_text(encoding="utf-8"))["cells"]
+    notebook_names = set()
+    for cell in cells:
+        if cell["cell_type"] == "code":
+            lines = [line for line in "".join(cell["source"]).splitlines() if not line.lstrip().startswith(("%", "!"))]
+            notebook_names |= _bound_names(ast.parse("\n".join(lines)))
+    used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    missing = used - _bound_names(node) - notebook_names - set(dir(builtins))
+    assert not missing, f"notebooks/{notebook}.ipynb shows {name}, which uses {sorted(missing)}: import them there"
+
+
+def test_a_missing_import_is_caught():
+    node = ast.parse("def f(x):\n    return set_training_regions(x, 1, 2) + len(x)").body[0]
+    used = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    assert used - _bound_names(node) - {"len"} == {"set_training_regions"}
