@@ -157,8 +157,11 @@ def set_training_regions(model: torch.nn.Module, box_regions: int, train_proposa
     proposals kept after the RPN's non-maximum suppression, of which `box_regions` are sampled
     (objects first, at most a quarter of them) to train the box head. torchvision's defaults are
     2000 and 512; the box head's work, forward and backward, grows with `box_regions`.
-    Prediction is untouched (its proposal count is ``inference.set_proposals``).
+    Prediction is untouched (its proposal count is ``inference.set_proposals``). A model without
+    an RPN or RoI heads (a stand-in in the tests) is left as it is.
     """
-    model.rpn._post_nms_top_n["training"] = train_proposals
-    model.roi_heads.fg_bg_sampler.batch_size_per_image = box_regions
+    if hasattr(model, "rpn"):
+        model.rpn._post_nms_top_n["training"] = train_proposals
+    if hasattr(model, "roi_heads"):
+        model.roi_heads.fg_bg_sampler.batch_size_per_image = box_regions
     return model
