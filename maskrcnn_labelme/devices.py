@@ -90,8 +90,8 @@ def autocast_dtype(device: torch.device, cpu_bf16: bool = False) -> torch.dtype 
       True on a T4 because PyTorch can emulate it, and emulated bfloat16 is slower than float32.
     - CPU: float32, unless `cpu_bf16` asks for bfloat16 and the CPU computes it natively
       (``cpu_bf16_native``); on any other CPU the request falls back to float32
-      (``cpu_precision_note`` says so). It is a choice, off by default: no CPU of this project's
-      test machines has bfloat16 units, so its speed and accuracy here are not measured.
+      (``cpu_precision_note`` says so). It is a choice, off by default: the CPU this was developed on
+      has no bfloat16 units, so its speed and accuracy are not measured.
     - Apple's MPS: float32. Its float16 autocast covers fewer operations of Mask R-CNN, and no
       measurement here says it pays; fp32 is the safe choice.
     """
