@@ -308,6 +308,29 @@ def in_subprocess(name: str, args, **overrides) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def add_to_results(key: str, value: dict, rows: list[tuple], output: Path = ROOT / "benchmarks" / "results.json") -> None:
+    """Store another script's measurement in results.json: `value` under `key` and its `rows`
+    (measure, previous, now, ratio, note), replacing what that script stored there before. This
+    script keeps them when it rewrites the file (benchmarks/train_cpu.py and train_cpu_ap.py use it:
+    their runs take an hour or more, too long for this one)."""
+    stored = json.loads(output.read_text()) if output.exists() else {}
+    stored[key] = value
+    kept = [row for row in stored.get("rows", []) if row.get("from") != key]
+    stored["rows"] = kept + [{**dict(zip(("measure", "reference", "ours", "ratio", "note"), row)), "from": key}
+                             for row in rows]
+    output.write_text(json.dumps(stored, indent=2) + "\n")
+
+
+def keep_added_rows(results: dict, output: Path) -> list[dict]:
+    """Carry the rows other scripts stored in `output` (add_to_results) and their figures into
+    `results`, which is about to replace the file; returns those rows."""
+    previous = json.loads(output.read_text()) if output.exists() else {}
+    added = [row for row in previous.get("rows", []) if row.get("from")]
+    results.update({row["from"]: previous[row["from"]] for row in added if row["from"] in previous})
+    results["rows"] = results.get("rows", []) + added
+    return added
+
+
 def _number(value: float) -> str:
     if value != value:  # NaN: no such figure
         return "-"
@@ -453,7 +476,10 @@ def main() -> int:
 
     results["rows"] = [dict(zip(("measure", "reference", "ours", "ratio", "note"), row)) for row in rows]
     results["benchmark_seconds"] = time.perf_counter() - started
-    Path(args.output).write_text(json.dumps(results, indent=2) + "\n")
+    output = Path(args.output)
+    added = keep_added_rows(results, output)
+    rows += [tuple(row[key] for key in ("measure", "reference", "ours", "ratio", "note")) for row in added]
+    output.write_text(json.dumps(results, indent=2) + "\n")
 
     gpu_name = f", {results['gpu']}" if "gpu" in results else ""
     print(f"\n{results['machine']}{gpu_name}, torch {results['torch']}, {results['mode']} mode\n")

@@ -7,8 +7,9 @@ Every variant starts from the same weights and trains on the same preloaded batc
 recipe's photos, notebook 04's CPU settings: 512 px, batch 4); step i of every variant runs before
 step i + 1 of any, so a busy moment of the machine falls on all of them alike. The first step of
 each is a warm-up and is not counted. Speed only: whether a lever keeps the validation mask AP
-needs full training runs (two seeds each, for the noise), which this script does not make.
-Results go to benchmarks/results-cpu-training.json.
+needs full training runs (two seeds each, for the noise): benchmarks/train_cpu_ap.py makes them.
+Results go to benchmarks/results-cpu-training.json, and the row "previous settings vs now" to
+benchmarks/results.json (``--row-only`` writes that row from the stored file, measuring nothing).
 """
 from __future__ import annotations
 
@@ -28,14 +29,19 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from cpu_inference import CLASSES  # noqa: E402
 
 
+# The training settings each variant changes (TrainSettings fields, as notebook 04 and the train
+# command take them); train_cpu_ap.py trains the same ones to check their accuracy.
+BEFORE = {"box_regions": 512, "train_proposals": 2000}  # torchvision's; notebook 04's CPU profile before
+LEVERS = {"box_regions": 128, "train_proposals": 1000}
 VARIANTS = {
-    # name: (box_regions, train_proposals (notebook 04's settings), bf16, channels-last)
-    "notebook 04 today (512 regions, 2000 proposals)": (512, 2000, False, False),
-    "128 regions per image": (128, 2000, False, False),
-    "128 regions, 1000 proposals": (128, 1000, False, False),
-    "128 regions, 1000 proposals, channels-last": (128, 1000, False, True),
-    "128 regions, 1000 proposals, bfloat16": (128, 1000, True, False),
+    # name: (settings, bfloat16, channels-last)
+    "notebook 04 before (512 regions, 2000 proposals)": (BEFORE, False, False),
+    "128 regions per image": ({**BEFORE, "box_regions": 128}, False, False),
+    "128 regions, 1000 proposals": (LEVERS, False, False),
+    "128 regions, 1000 proposals, channels-last": (LEVERS, False, True),
+    "128 regions, 1000 proposals, bfloat16": (LEVERS, True, False),
 }
+ROW = "training on CPU, notebook 04's step (batch 4, 512 px), images/s: previous settings vs now"
 
 
 class StageTimer:
@@ -81,7 +87,12 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-cpu-training.json"))
+    parser.add_argument("--row-only", action="store_true",
+                        help="measure nothing: write results.json's row from the stored --output file")
     args = parser.parse_args()
+    if args.row_only:
+        add_row(json.loads(Path(args.output).read_text()))
+        return 0
 
     native = devices.cpu_bf16_native()
     folder = find_dataset(args.data)
@@ -97,12 +108,12 @@ def main() -> int:
     torch.manual_seed(0)
     base = models.build_model(len(CLASSES), image_size=args.size, pretrained=False)
     runs = {}
-    for name, (regions, proposals, bf16, channels_last) in VARIANTS.items():
+    for name, (settings, bf16, channels_last) in VARIANTS.items():
         if bf16 and not native:
             print(f"skipped: {name} (this CPU has no native bfloat16; emulated it would be slower)")
             continue
         model = copy.deepcopy(base).train()
-        models.set_training_regions(model, box_regions=regions, train_proposals=proposals)
+        models.set_training_regions(model, settings["box_regions"], settings["train_proposals"])
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = engine.make_optimizer(model, 5e-4, total_steps=10 * (args.steps + 1))
@@ -152,7 +163,34 @@ def main() -> int:
     print(f"decoding and augmenting: {1000 * decode_s:.0f} ms per photo (in DataLoader workers during training)")
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     print("written to", Path(args.output).relative_to(ROOT))
+    add_row(results)
     return 0
+
+
+def now_variant(results: dict) -> str:
+    """The measured variant that notebook 04's CPU profile trains with today."""
+    from maskrcnn_labelme.settings import TrainSettings
+
+    today = TrainSettings(cpu_bf16=results["bf16_native"]).resolve("cpu", smoke=False)
+    for name, (settings, bf16, channels_last) in VARIANTS.items():
+        if (name in results["variants"] and not channels_last and bf16 == today.cpu_bf16
+                and all(getattr(today, key) == value for key, value in settings.items())):
+            return name
+    raise LookupError("no measured variant has notebook 04's CPU settings")
+
+
+def add_row(results: dict) -> None:
+    """The row "previous settings vs now" in benchmarks/results.json (run.py's table)."""
+    from run import add_to_results
+
+    before, now = results["variants"][next(iter(VARIANTS))], results["variants"][now_variant(results)]
+    stages = ("backbone + FPN", "box head", "backward")
+    note = (f"{now_variant(results)}; s per step {before['s_per_step']:.1f} vs {now['s_per_step']:.1f}; "
+            + ", ".join(f"{part} {before['stages_s'][part]:.1f} vs {now['stages_s'][part]:.1f} s" for part in stages)
+            + f"; {results['machine']}, benchmarks/train_cpu.py")
+    add_to_results("train_step_cpu_notebook04", {key: results[key] for key in ("machine", "size", "batch", "steps_timed")},
+                   [(ROW, before["images_per_s"], now["images_per_s"], now["images_per_s"] / before["images_per_s"], note)])
+    print("row added to benchmarks/results.json:", ROW)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,19 @@
 """Does a CPU training lever keep the accuracy? Full training runs of notebook 04's CPU profile
-(3 epochs at 512 px, batch 4, the train command), each setting at the same seeds, compared on the
-validation split; the test split's score is only reported.
+(512 px, batch 4, the train command; 3 epochs, the profile's length before the levers), each
+setting at the same seeds, compared on the validation split; the test split's score is only
+reported.
 
-    python benchmarks/train_cpu_ap.py --runs DIR [--seeds 1234 1235] [--variants NAME ...]
+    python benchmarks/train_cpu_ap.py --runs DIR [--seeds 1234 1235] [--variants NAME ...] [--epochs 3]
+    python benchmarks/train_cpu_ap.py --row-only   # results.json's row from the stored runs
 
 Each (variant, seed) trains into DIR/<variant>-s<seed> with ``python -m maskrcnn_labelme.train``;
 a run that is already finished is read, not trained again, and an interrupted one resumes. The
 spread of one variant over two seeds is the noise a difference has to beat. Results are added to
-benchmarks/results-cpu-training.json under "ap_check" (the step-time study of train_cpu.py stays).
-On a 2-core machine with nothing else running, an epoch with 128 regions took 10.4 minutes;
-torchvision's 512 make each step about 1.9x longer (train_cpu.py).
+benchmarks/results-cpu-training.json under "ap_check" (the step-time study of train_cpu.py stays),
+and the row "validation mask AP: previous settings vs now" to benchmarks/results.json.
+On a 2-core machine with nothing else running, an epoch with 128 regions took 10.4 to 15.2
+minutes, COCO evaluation included; torchvision's 512 make each step about 1.9x longer
+(train_cpu.py).
 """
 from __future__ import annotations
 
@@ -25,11 +29,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-# name: the settings that differ from notebook 04's (TrainSettings flags)
+from train_cpu import BEFORE, LEVERS  # noqa: E402
+
+# name: the TrainSettings each variant trains with (the train command's flags)
 VARIANTS = {
-    "today": {},
-    "128-regions-1000-proposals": {"box_regions": 128, "train_proposals": 1000},
+    "512-regions-2000-proposals": BEFORE,
+    "128-regions-1000-proposals": LEVERS,
 }
+ROW = "validation mask AP, best epoch, CPU profile ({epochs} epochs, random weights): previous settings vs now"
 
 
 def read_run(run_dir: Path) -> dict | None:
@@ -51,14 +58,22 @@ def main() -> int:
     from run import find_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--runs", required=True, help="folder for the run folders (outside the repository)")
+    parser.add_argument("--runs", help="folder for the run folders (outside the repository); required to train")
     parser.add_argument("--data", default=None)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--row-only", action="store_true", help="train nothing: write results.json's row "
+                                                                "from the stored --output file")
     parser.add_argument("--pretrained", action="store_true", help="start from the COCO weights (needs them)")
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-cpu-training.json"))
     args = parser.parse_args()
 
+    if args.row_only:
+        add_row(json.loads(Path(args.output).read_text())["ap_check"]["runs"], args.epochs)
+        return 0
+    if not args.runs:
+        parser.error("--runs DIR is needed to train")
     folder = find_dataset(args.data)
     env = {key: value for key, value in os.environ.items() if key != "TUTORIAL_SMOKE"}  # the full profile
     results = {}
@@ -68,7 +83,7 @@ def main() -> int:
             if read_run(run_dir) is None:
                 flags = [f"--{key.replace('_', '-')}={value}" for key, value in VARIANTS[name].items()]
                 command = [sys.executable, "-m", "maskrcnn_labelme.train", "--data", str(folder), "--run-dir",
-                           str(run_dir), "--device", "cpu", f"--seed={seed}", "--no-progress",
+                           str(run_dir), "--device", "cpu", f"--seed={seed}", f"--epochs={args.epochs}", "--no-progress",
                            "--pretrained" if args.pretrained else "--no-pretrained", *flags]
                 print(" ".join(command), flush=True)
                 started = time.perf_counter()
@@ -77,7 +92,29 @@ def main() -> int:
             results[f"{name}, seed {seed}"] = {"settings": VARIANTS[name], "seed": seed, **read_run(run_dir)}
             print(json.dumps(results[f"{name}, seed {seed}"]), flush=True)
             save(Path(args.output), folder, args.pretrained, results)  # after every run: nothing lost
+    add_row(json.loads(Path(args.output).read_text())["ap_check"]["runs"], args.epochs)
     return 0
+
+
+def add_row(runs: dict, epochs: int) -> None:
+    """The AP check's row in benchmarks/results.json: each variant's best validation mask AP,
+    averaged over its seeds, with every run's validation and test figures in the note."""
+    from run import add_to_results
+
+    runs = {key: run for key, run in runs.items() if run["epochs"] == epochs}
+    by_variant = {name: [run for key, run in runs.items() if key.startswith(f"{name}, ")] for name in VARIANTS}
+    if not all(by_variant.values()):
+        print("a variant has no finished run yet: no row written")
+        return
+    mean = {name: sum(run["val_segm_AP_best"] for run in found) / len(found) for name, found in by_variant.items()}
+    before, now = VARIANTS
+    note = "; ".join(f"{name}: " + ", ".join(f"seed {run['seed']}{' (' + run['source'] + ')' if 'source' in run else ''} "
+                                             f"val {run['val_segm_AP_best']:.3f} test {run['test_segm_AP']:.3f}"
+                                             for run in found)
+                     for name, found in by_variant.items()) + "; benchmarks/train_cpu_ap.py"
+    add_to_results("ap_check_cpu_training", {"epochs": epochs, "runs": runs},
+                   [(ROW.format(epochs=epochs), mean[before], mean[now], mean[now] / mean[before], note)])
+    print("row added to benchmarks/results.json")
 
 
 def save(output: Path, folder: Path, pretrained: bool, results: dict) -> None:

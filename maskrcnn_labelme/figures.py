@@ -136,12 +136,14 @@ def _about(run_dir: Path, out: Path, image_size: int, threshold: float, note: st
                "message; the note below says so when it did)" if trained.get("pretrained")
                else "random weights (no COCO weights)")
     epochs = trained.get("epochs", "?")
+    regions = (f"the box head trained on {trained['box_regions']} of {trained['train_proposals']} region "
+               "proposals per photo, " if trained.get("box_regions") else "")
     lines = [
         "# Where these figures come from",
         "",
         f"- Run folder: `{runs.show_path(run_dir)}`, {trained.get('train_images', '?')} training photos, "
         f"{epochs} epoch{'' if epochs == 1 else 's'} at {trained.get('image_size', image_size)} px, batch "
-        f"{trained.get('batch_size', '?')}, peak learning rate {trained.get('lr', '?')}, {weights}.",
+        f"{trained.get('batch_size', '?')}, peak learning rate {trained.get('lr', '?')}, {regions}{weights}.",
         f"- Trained on: {device}; figures drawn on {platform.platform(terse=True)}.",
         "- Test split (best checkpoint, epoch {}): box AP {}, mask AP {}, mask AP50 {}.".format(
             scores.get("epoch", "?"), *(f"{scores[k]:.3f}" if k in scores else "?"

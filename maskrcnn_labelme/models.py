@@ -152,16 +152,16 @@ def prepare_for_training(model: torch.nn.Module, device: torch.device) -> torch.
     return model.to(device)
 
 
-def set_training_regions(model: torch.nn.Module, box_regions: int, train_proposals: int) -> torch.nn.Module:
+def set_training_regions(model: torch.nn.Module, box_regions: int | None, train_proposals: int | None) -> torch.nn.Module:
     """How many regions the heads learn from per photo in training: `train_proposals` region
     proposals kept after the RPN's non-maximum suppression, of which `box_regions` are sampled
     (objects first, at most a quarter of them) to train the box head. torchvision's defaults are
-    2000 and 512; the box head's work, forward and backward, grows with `box_regions`.
-    Prediction is untouched (its proposal count is ``inference.set_proposals``). A model without
-    an RPN or RoI heads (a stand-in in the tests) is left as it is.
+    2000 and 512; the box head's work, forward and backward, grows with `box_regions`. None (a
+    setting left to ``TrainSettings.resolve``, not resolved) keeps the model's number.
+    Prediction is untouched (its proposal count is ``inference.set_proposals``).
     """
-    if hasattr(model, "rpn"):
+    if train_proposals is not None:
         model.rpn._post_nms_top_n["training"] = train_proposals
-    if hasattr(model, "roi_heads"):
+    if box_regions is not None:
         model.roi_heads.fg_bg_sampler.batch_size_per_image = box_regions
     return model

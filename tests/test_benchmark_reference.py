@@ -14,3 +14,28 @@ def test_reference_pipeline_gives_training_samples():
         image, target = dataset[i]
         assert image.shape == (3, 128, 128) and image.dtype == torch.float32
         assert len(target["boxes"]) == len(target["masks"]) == len(target["labels"])
+
+
+def test_rows_a_longer_benchmark_adds_are_replaced_by_its_next_run_and_kept_by_run_py(tmp_path):
+    """benchmarks/train_cpu.py and train_cpu_ap.py store their rows in results.json
+    (add_to_results); their next run replaces them, and run.py's rewrite keeps them."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import run as benchmark
+
+    output = tmp_path / "results.json"
+    benchmark.add_to_results("cpu_training", {"steps": 5}, [("step, images/s", 0.1, 0.2, 2.0, "first")], output=output)
+    benchmark.add_to_results("cpu_training", {"steps": 6}, [("step, images/s", 0.1, 0.3, 3.0, "again")], output=output)
+    benchmark.add_to_results("ap", {"seeds": 2}, [("mask AP", 0.05, 0.08, 1.6, "")], output=output)
+    stored = json.loads(output.read_text())
+    assert stored["cpu_training"] == {"steps": 6}
+    assert [(row["from"], row["note"]) for row in stored["rows"]] == [("cpu_training", "again"), ("ap", "")]
+
+    rewritten = {"rows": [{"measure": "pipeline", "reference": 1.0, "ours": 5.0, "ratio": 5.0, "note": ""}]}
+    added = benchmark.keep_added_rows(rewritten, output)
+    assert [row["from"] for row in added] == ["cpu_training", "ap"]
+    assert [row["measure"] for row in rewritten["rows"]] == ["pipeline", "step, images/s", "mask AP"]
+    assert rewritten["cpu_training"] == {"steps": 6} and rewritten["ap"] == {"seeds": 2}

@@ -101,6 +101,25 @@ def test_every_figure_the_readme_and_notebooks_show_exists():
     assert not big, f"figures over 400 kB: {big}"
 
 
+def test_every_caption_of_the_figures_gives_the_run_s_own_test_score():
+    """The captions under images/' figures (README, notebooks) quote the test mask AP and the
+    epochs of the run that drew them; about.md, written by figures.py from that run, has both.
+    A redrawn images/ with an old caption would credit one run with another's result."""
+    import re
+
+    about = (ROOT / "images" / "about.md").read_text(encoding="utf-8")
+    mask_ap = re.search(r"Test split \(best checkpoint[^)]*\): box AP [\d.]+, mask AP ([\d.]+)", about).group(1)
+    epochs = re.search(r"(\d+) epochs at \d+ px", about).group(1)
+    captions = []
+    for path in [ROOT / "README.md", *sorted((ROOT / "notebooks").glob("*.ipynb"))]:
+        text = path.read_text(encoding="utf-8")
+        captions += [(path.name, m) for m in re.findall(r"best run (?:made so far|this version has had)[^*]*", text)]
+    assert len(captions) >= 5
+    wrong = [(where, caption[:160]) for where, caption in captions
+             if f"test mask AP {mask_ap}" not in caption or f"{epochs} epochs" not in caption]
+    assert not wrong, wrong
+
+
 def test_the_readme_is_a_first_page_and_its_links_lead_somewhere():
     """The README is what a newcomer reads first: short, with the details one click away in docs/.
     Every relative link of it and of the docs pages names a file of the project."""

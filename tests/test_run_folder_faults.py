@@ -246,3 +246,18 @@ def test_the_regions_the_heads_learn_from_are_settings(samples, tmp_path):
     assert [n for training, n in rows if training][:1] == [2 * 8]  # the first step: 2 photos x 8 regions
     with pytest.raises(ValueError, match="box_regions must be at least 1"):
         TrainSettings(box_regions=0)
+
+
+def test_a_cpu_trains_on_fewer_regions_a_gpu_on_torchvision_s_and_a_given_number_wins():
+    """The CPU profile's levers (benchmarks/train_cpu.py): fewer sampled regions and proposals
+    than torchvision builds the model with, which the GPU profile keeps; a number given wins, and
+    unresolved settings leave the model as built."""
+    model = models.build_model(len(CLASSES), image_size=96, pretrained=False)
+    built = (model.roi_heads.fg_bg_sampler.batch_size_per_image, model.rpn._post_nms_top_n["training"])
+    gpu, cpu, mps = (TrainSettings().resolve(device, smoke=False) for device in ("cuda", "cpu", "mps"))
+    assert (gpu.box_regions, gpu.train_proposals) == built
+    assert cpu.box_regions < built[0] and cpu.train_proposals < built[1]
+    assert (mps.box_regions, mps.train_proposals) == (cpu.box_regions, cpu.train_proposals)
+    assert TrainSettings(box_regions=300).resolve("cpu", smoke=False).box_regions == 300
+    models.set_training_regions(model, TrainSettings().box_regions, TrainSettings().train_proposals)
+    assert (model.roi_heads.fg_bg_sampler.batch_size_per_image, model.rpn._post_nms_top_n["training"]) == built

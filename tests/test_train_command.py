@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -365,6 +366,9 @@ class LossModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(()))
+        # what fit sets (models.set_training_regions), held where Mask R-CNN holds it
+        self.rpn = SimpleNamespace(_post_nms_top_n={"training": 2000, "testing": 1000})
+        self.roi_heads = SimpleNamespace(fg_bg_sampler=SimpleNamespace(batch_size_per_image=512))
 
     def forward(self, images, targets=None):
         if self.training:

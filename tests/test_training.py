@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -83,6 +84,9 @@ class ScriptedModel(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.ones(()))
         self.losses, self.predictions = list(losses), list(predictions)
+        # what fit sets (models.set_training_regions), held where Mask R-CNN holds it
+        self.rpn = SimpleNamespace(_post_nms_top_n={"training": 2000, "testing": 1000})
+        self.roi_heads = SimpleNamespace(fg_bg_sampler=SimpleNamespace(batch_size_per_image=512))
 
     def forward(self, images, targets=None):
         if self.training:
