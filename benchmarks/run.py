@@ -308,6 +308,9 @@ def in_subprocess(name: str, args, **overrides) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+ROW_FIELDS = ("measure", "reference", "ours", "ratio", "note")  # a row of the table, as stored
+
+
 def add_to_results(key: str, value: dict, rows: list[tuple], output: Path = ROOT / "benchmarks" / "results.json") -> None:
     """Store another script's measurement in results.json: `value` under `key` and its `rows`
     (measure, previous, now, ratio, note), replacing what that script stored there before. This
@@ -316,8 +319,7 @@ def add_to_results(key: str, value: dict, rows: list[tuple], output: Path = ROOT
     stored = json.loads(output.read_text()) if output.exists() else {}
     stored[key] = value
     kept = [row for row in stored.get("rows", []) if row.get("from") != key]
-    stored["rows"] = kept + [{**dict(zip(("measure", "reference", "ours", "ratio", "note"), row)), "from": key}
-                             for row in rows]
+    stored["rows"] = kept + [{**dict(zip(ROW_FIELDS, row)), "from": key} for row in rows]
     output.write_text(json.dumps(stored, indent=2) + "\n")
 
 
@@ -474,11 +476,11 @@ def main() -> int:
         results["test_suite_seconds"] = time.perf_counter() - start
         rows.append(("test suite wall time, s", float("nan"), results["test_suite_seconds"], float("nan"), ""))
 
-    results["rows"] = [dict(zip(("measure", "reference", "ours", "ratio", "note"), row)) for row in rows]
+    results["rows"] = [dict(zip(ROW_FIELDS, row)) for row in rows]
     results["benchmark_seconds"] = time.perf_counter() - started
     output = Path(args.output)
     added = keep_added_rows(results, output)
-    rows += [tuple(row[key] for key in ("measure", "reference", "ours", "ratio", "note")) for row in added]
+    rows += [tuple(row[key] for key in ROW_FIELDS) for row in added]
     output.write_text(json.dumps(results, indent=2) + "\n")
 
     gpu_name = f", {results['gpu']}" if "gpu" in results else ""

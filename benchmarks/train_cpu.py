@@ -183,9 +183,10 @@ def add_row(results: dict) -> None:
     """The row "previous settings vs now" in benchmarks/results.json (run.py's table)."""
     from run import add_to_results
 
-    before, now = results["variants"][next(iter(VARIANTS))], results["variants"][now_variant(results)]
+    now_name = now_variant(results)
+    before, now = results["variants"][next(iter(VARIANTS))], results["variants"][now_name]
     stages = ("backbone + FPN", "box head", "backward")
-    note = (f"{now_variant(results)}; s per step {before['s_per_step']:.1f} vs {now['s_per_step']:.1f}; "
+    note = (f"{now_name}; s per step {before['s_per_step']:.1f} vs {now['s_per_step']:.1f}; "
             + ", ".join(f"{part} {before['stages_s'][part]:.1f} vs {now['stages_s'][part]:.1f} s" for part in stages)
             + f"; {results['machine']}, benchmarks/train_cpu.py")
     add_to_results("train_step_cpu_notebook04", {key: results[key] for key in ("machine", "size", "batch", "steps_timed")},
