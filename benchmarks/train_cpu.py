@@ -1,14 +1,17 @@
 """Training on a CPU, measured: where one step of notebook 04 spends its time, and what each lever
 would save, side by side in one process.
 
-    python benchmarks/train_cpu.py [--data DIR] [--steps 6] [--size 512] [--batch 4]
+    python benchmarks/train_cpu.py [--data DIR] [--steps 6] [--size 512] [--batch 4] [--ops]
 
 Every variant starts from the same weights and trains on the same preloaded batches (the training
-recipe's photos, notebook 04's CPU settings: 512 px, batch 4); step i of every variant runs before
+recipe's photos, notebook 04's CPU settings: 512 px, batch 4; a variant at another image size
+gets the same photos and augmentation draws at its size); step i of every variant runs before
 step i + 1 of any, so a busy moment of the machine falls on all of them alike. The first step of
-each is a warm-up and is not counted. Speed only: whether a lever keeps the validation mask AP
-needs full training runs (two seeds each, for the noise): benchmarks/train_cpu_ap.py makes them.
-Results go to benchmarks/results-cpu-training.json, and the row "previous settings vs now" to
+each is a warm-up and is not counted. ``--ops`` then profiles one more step of today's settings
+by operator and input shape (what is left to speed up). Speed only: whether a lever keeps the
+validation mask AP needs full training runs (two seeds each, for the noise):
+benchmarks/train_cpu_ap.py makes them. Results go to benchmarks/results-cpu-training.json (its
+"ap_check" from train_cpu_ap.py is kept), and the row "previous settings vs now" to
 benchmarks/results.json (``--row-only`` writes that row from the stored file, measuring nothing).
 """
 from __future__ import annotations
@@ -40,6 +43,7 @@ VARIANTS = {
     "128 regions, 1000 proposals": (LEVERS, False, False),
     "128 regions, 1000 proposals, channels-last": (LEVERS, False, True),
     "128 regions, 1000 proposals, bfloat16": (LEVERS, True, False),
+    "128 regions, 1000 proposals, 384 px": ({**LEVERS, "image_size": 384}, False, False),
 }
 ROW = "training on CPU, notebook 04's step (batch 4, 512 px), images/s: previous settings vs now"
 
@@ -87,6 +91,8 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results-cpu-training.json"))
+    parser.add_argument("--ops", action="store_true",
+                        help="then profile one more step of today's variant by operator and input shape")
     parser.add_argument("--row-only", action="store_true",
                         help="measure nothing: write results.json's row from the stored --output file")
     args = parser.parse_args()
@@ -97,31 +103,37 @@ def main() -> int:
     native = devices.cpu_bf16_native()
     folder = find_dataset(args.data)
     samples = labelme.load_labelme_folder(folder, on_error="skip")
-    dataset = windows_utils.make_dataset(samples, CLASSES, train=True, image_size=args.size)
-    torch.manual_seed(0)
-    started = time.perf_counter()
-    batches = []
-    for b in range(args.steps + 1):
-        items = [dataset[(b * args.batch + k) % len(dataset)] for k in range(args.batch)]
-        batches.append(tuple(zip(*items)))
-    decode_s = (time.perf_counter() - started) / ((args.steps + 1) * args.batch)
-    torch.manual_seed(0)
-    base = models.build_model(len(CLASSES), image_size=args.size, pretrained=False)
+    sizes = sorted({settings.get("image_size", args.size) for settings, _, _ in VARIANTS.values()} | {args.size})
+    batches_by_size, bases = {}, {}
+    for size in sizes:  # the same photos and augmentation draws at every size; the same weights
+        dataset = windows_utils.make_dataset(samples, CLASSES, train=True, image_size=size)
+        torch.manual_seed(0)
+        started = time.perf_counter()
+        batches_by_size[size] = []
+        for b in range(args.steps + 1):
+            items = [dataset[(b * args.batch + k) % len(dataset)] for k in range(args.batch)]
+            batches_by_size[size].append(tuple(zip(*items)))
+        if size == args.size:
+            decode_s = (time.perf_counter() - started) / ((args.steps + 1) * args.batch)
+        torch.manual_seed(0)
+        bases[size] = models.build_model(len(CLASSES), image_size=size, pretrained=False)
     runs = {}
     for name, (settings, bf16, channels_last) in VARIANTS.items():
         if bf16 and not native:
             print(f"skipped: {name} (this CPU has no native bfloat16; emulated it would be slower)")
             continue
-        model = copy.deepcopy(base).train()
+        size = settings.get("image_size", args.size)
+        model = copy.deepcopy(bases[size]).train()
         models.set_training_regions(model, settings["box_regions"], settings["train_proposals"])
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizer, scheduler = engine.make_optimizer(model, 5e-4, total_steps=10 * (args.steps + 1))
         runs[name] = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "bf16": bf16,
-                      "times": [], "stages": {}}
+                      "size": size, "times": [], "stages": {}}
 
-    for step, (images, targets) in enumerate(batches):
+    for step in range(args.steps + 1):
         for name, run in runs.items():
+            images, targets = batches_by_size[run["size"]][step]
             torch.manual_seed(step)  # the same anchor and region sampling draws for every variant
             timer = StageTimer(run["model"]) if step > 0 else None
             context = torch.autocast("cpu", dtype=torch.bfloat16) if run["bf16"] else contextlib.nullcontext()
@@ -143,7 +155,7 @@ def main() -> int:
                 for part, seconds in stages.items():
                     run["stages"][part] = run["stages"].get(part, 0.0) + seconds
                 run["times"].append(end - begin)
-        print(f"step {step + 1} of {len(batches)} done", flush=True)
+        print(f"step {step + 1} of {args.steps + 1} done", flush=True)
 
     baseline = statistics.median(next(iter(runs.values()))["times"])
     results = {"machine": f"{platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads",
@@ -161,10 +173,38 @@ def main() -> int:
         stages = results["variants"][name]["stages_s"]
         print(f"\n{name}: " + ", ".join(f"{part} {1000 * s:.0f} ms" for part, s in stages.items()))
     print(f"decoding and augmenting: {1000 * decode_s:.0f} ms per photo (in DataLoader workers during training)")
-    Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+    if args.ops:
+        name = now_variant(results)
+        results["ops_now"] = {"variant": name, "ops": profile_ops(runs[name], batches_by_size[runs[name]["size"]][0])}
+    output = Path(args.output)
+    stored = json.loads(output.read_text()) if output.exists() else {}
+    kept = {key: value for key, value in stored.items() if key == "ap_check"}  # train_cpu_ap.py's runs stay
+    output.write_text(json.dumps({**results, **kept}, indent=1) + "\n")
     print("written to", Path(args.output).relative_to(ROOT))
     add_row(results)
     return 0
+
+
+def profile_ops(run: dict, batch, top: int = 12) -> list[dict]:
+    """One more training step under torch.profiler: the operators (with their input shapes) that
+    took the most time, forward and backward. The shapes say where in the network an operator
+    ran: [4, 256, 128, 128] inputs are the FPN's and the RPN head's finest level (stride 4)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    images, targets = batch
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss = sum(run["model"](list(images), list(targets)).values())
+        run["optimizer"].zero_grad(set_to_none=True)
+        loss.backward()
+    rows = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in rows)
+    ops = [{"op": e.key, "input_shapes": str(e.input_shapes[:3]), "calls": e.count,
+            "seconds": e.self_cpu_time_total / 1e6} for e in rows[:top]]
+    print(f"\nops of one step, {total / 1e6:.1f} s profiled:")
+    for op in ops:
+        print(f"  {op['seconds']:6.2f} s  {op['calls']:3d}x  {op['op']:<34} {op['input_shapes']}")
+    return ops
 
 
 def now_variant(results: dict) -> str:
@@ -174,7 +214,8 @@ def now_variant(results: dict) -> str:
     today = TrainSettings(cpu_bf16=results["bf16_native"]).resolve("cpu", smoke=False)
     for name, (settings, bf16, channels_last) in VARIANTS.items():
         if (name in results["variants"] and not channels_last and bf16 == today.cpu_bf16
-                and all(getattr(today, key) == value for key, value in settings.items())):
+                and all(getattr(today, key) == settings.get(key, default) for key, default in (
+                    ("box_regions", None), ("train_proposals", None), ("image_size", results["size"])))):
             return name
     raise LookupError("no measured variant has notebook 04's CPU settings")
 

@@ -12,8 +12,8 @@ spread of one variant over two seeds is the noise a difference has to beat. Resu
 benchmarks/results-cpu-training.json under "ap_check" (the step-time study of train_cpu.py stays),
 and the row "validation mask AP: previous settings vs now" to benchmarks/results.json.
 On a 2-core machine with nothing else running, an epoch with 128 regions took 10.4 to 15.2
-minutes, COCO evaluation included; torchvision's 512 make each step about 1.9x longer
-(train_cpu.py).
+minutes at 512 px and 8.9 to 10.1 at 384 px, COCO evaluation included; torchvision's 512 regions
+make each step about 1.8x longer (train_cpu.py).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from train_cpu import BEFORE, LEVERS  # noqa: E402
 VARIANTS = {
     "512-regions-2000-proposals": BEFORE,
     "128-regions-1000-proposals": LEVERS,
+    "128-regions-1000-proposals-384px": {**LEVERS, "image_size": 384},
 }
 ROW = "validation mask AP, best epoch, CPU profile ({epochs} epochs, random weights): previous settings vs now"
 
@@ -103,11 +104,12 @@ def add_row(runs: dict, epochs: int) -> None:
 
     runs = {key: run for key, run in runs.items() if run["epochs"] == epochs}
     by_variant = {name: [run for key, run in runs.items() if key.startswith(f"{name}, ")] for name in VARIANTS}
-    if not all(by_variant.values()):
-        print("a variant has no finished run yet: no row written")
+    by_variant = {name: found for name, found in by_variant.items() if found}
+    before, now = next(iter(VARIANTS)), now_variant()
+    if before not in by_variant or now not in by_variant:
+        print("the previous or today's settings have no finished run yet: no row written")
         return
     mean = {name: sum(run["val_segm_AP_best"] for run in found) / len(found) for name, found in by_variant.items()}
-    before, now = VARIANTS
     note = "; ".join(f"{name}: " + ", ".join(f"seed {run['seed']}{' (' + run['source'] + ')' if 'source' in run else ''} "
                                              f"val {run['val_segm_AP_best']:.3f} test {run['test_segm_AP']:.3f}"
                                              for run in found)
@@ -115,6 +117,18 @@ def add_row(runs: dict, epochs: int) -> None:
     add_to_results("ap_check_cpu_training", {"epochs": epochs, "runs": runs},
                    [(ROW.format(epochs=epochs), mean[before], mean[now], mean[now] / mean[before], note)])
     print("row added to benchmarks/results.json")
+
+
+def now_variant() -> str:
+    """The variant that notebook 04's CPU profile trains with today (the train command's defaults)."""
+    from maskrcnn_labelme.settings import TrainSettings
+
+    today = TrainSettings().resolve("cpu", smoke=False)
+    for name, settings in VARIANTS.items():
+        if all(getattr(today, key) == settings.get(key, default) for key, default in (
+                ("box_regions", None), ("train_proposals", None), ("image_size", 512))):
+            return name
+    raise LookupError("no variant has notebook 04's CPU settings")
 
 
 def save(output: Path, folder: Path, pretrained: bool, results: dict) -> None:

@@ -23,7 +23,7 @@ __all__ = ["PROFILE_DEFAULTS", "TrainSettings", "default_workers"]
 
 # The expensive numbers by profile: the smoke profile (TUTORIAL_SMOKE=1) makes them tiny, a GPU
 # affords 40 epochs, a CPU 4. On a CPU the box head learns from 128 regions per photo out of 1000
-# proposals instead of torchvision's 512 out of 2000: a training step 1.86x faster, and a higher
+# proposals instead of torchvision's 512 out of 2000: a training step 1.8x faster, and a higher
 # validation mask AP after 3 epochs (benchmarks/train_cpu.py and train_cpu_ap.py, docs/speed.md),
 # which buys the CPU profile a fourth epoch.
 PROFILE_DEFAULTS: dict[str, dict[str, Any]] = {
