@@ -178,8 +178,9 @@ def main() -> int:
         results["ops_now"] = {"variant": name, "ops": profile_ops(runs[name], batches_by_size[runs[name]["size"]][0])}
     output = Path(args.output)
     stored = json.loads(output.read_text()) if output.exists() else {}
-    kept = {key: value for key, value in stored.items() if key == "ap_check"}  # train_cpu_ap.py's runs stay
-    output.write_text(json.dumps({**results, **kept}, indent=1) + "\n")
+    if "ap_check" in stored:  # train_cpu_ap.py's runs stay
+        results["ap_check"] = stored["ap_check"]
+    output.write_text(json.dumps(results, indent=1) + "\n")
     print("written to", Path(args.output).relative_to(ROOT))
     add_row(results)
     return 0
@@ -207,15 +208,20 @@ def profile_ops(run: dict, batch, top: int = 12) -> list[dict]:
     return ops
 
 
-def now_variant(results: dict) -> str:
-    """The measured variant that notebook 04's CPU profile trains with today."""
+def is_today(settings: dict, default_size: int = 512) -> bool:
+    """Whether a variant's settings (TrainSettings fields; `default_size` px where it names no
+    image size) are the ones notebook 04's CPU profile trains with today (cpu_bf16 is off there)."""
     from maskrcnn_labelme.settings import TrainSettings
 
-    today = TrainSettings(cpu_bf16=results["bf16_native"]).resolve("cpu", smoke=False)
+    today = TrainSettings().resolve("cpu", smoke=False)
+    return all(getattr(today, key) == settings.get(key, default) for key, default in (
+        ("box_regions", None), ("train_proposals", None), ("image_size", default_size)))
+
+
+def now_variant(results: dict) -> str:
+    """The measured variant that notebook 04's CPU profile trains with today."""
     for name, (settings, bf16, channels_last) in VARIANTS.items():
-        if (name in results["variants"] and not channels_last and bf16 == today.cpu_bf16
-                and all(getattr(today, key) == settings.get(key, default) for key, default in (
-                    ("box_regions", None), ("train_proposals", None), ("image_size", results["size"])))):
+        if name in results["variants"] and not (bf16 or channels_last) and is_today(settings, results["size"]):
             return name
     raise LookupError("no measured variant has notebook 04's CPU settings")
 

@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from train_cpu import BEFORE, LEVERS  # noqa: E402
+from train_cpu import BEFORE, LEVERS, is_today  # noqa: E402
 
 # name: the TrainSettings each variant trains with (the train command's flags)
 VARIANTS = {
@@ -121,12 +121,8 @@ def add_row(runs: dict, epochs: int) -> None:
 
 def now_variant() -> str:
     """The variant that notebook 04's CPU profile trains with today (the train command's defaults)."""
-    from maskrcnn_labelme.settings import TrainSettings
-
-    today = TrainSettings().resolve("cpu", smoke=False)
     for name, settings in VARIANTS.items():
-        if all(getattr(today, key) == settings.get(key, default) for key, default in (
-                ("box_regions", None), ("train_proposals", None), ("image_size", 512))):
+        if is_today(settings):
             return name
     raise LookupError("no variant has notebook 04's CPU settings")
 
